@@ -1,0 +1,235 @@
+"""Tracing configuration: FastVideo's ``FASTVIDEO_TRACE_*`` variables, validated once.
+
+FastVideo silently drops an unknown stat or ignores a bad regex; tracediff refuses
+them at attach time instead, because a trace that quietly recorded nothing is
+discovered only hours later, when the diff comes back empty.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tracediff.errors import TraceConfigError
+
+ENV_ACTIVATIONS = "FASTVIDEO_TRACE_ACTIVATIONS"
+ENV_LAYERS = "FASTVIDEO_TRACE_LAYERS"
+ENV_STATS = "FASTVIDEO_TRACE_STATS"
+ENV_STEPS = "FASTVIDEO_TRACE_STEPS"
+ENV_OUTPUT = "FASTVIDEO_TRACE_OUTPUT"
+ENV_SAMPLE_SIZE = "TRACEDIFF_SAMPLE_SIZE"
+
+#: Stats FastVideo's own tracer accepts, with its default selection.
+FASTVIDEO_STATS = ("abs_mean", "sum", "min", "max", "mean", "std", "shape", "dtype")
+FASTVIDEO_DEFAULT_STATS = ("abs_mean", "sum")
+#: tracediff's additions: norms, non-finite counts, and element-level captures.
+EXTRA_STATS = ("l2", "nan_count", "inf_count", "sample", "full")
+KNOWN_STATS = FASTVIDEO_STATS + EXTRA_STATS
+#: Stats that need the on-device moment reduction (the rest is metadata or copies).
+MOMENT_STATS = frozenset(("abs_mean", "sum", "min", "max", "mean", "std", "l2", "nan_count", "inf_count"))
+
+DEFAULT_OUTPUT = "tracediff-trace-<side>-<pid>.h5"
+DEFAULT_SAMPLE_SIZE = 256
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+
+def names_predicate(names: NamesFilter, *, source: str = "layers") -> Callable[[str], bool]:
+    """Turn every accepted layer-selection form into one predicate.
+
+    Args:
+        names: a regex (``re.search`` semantics, empty = all), a list of exact
+            module names, a predicate, or ``None`` for all.
+        source: what to call the value in an error message (an env var name or
+            an argument name).
+
+    Raises:
+        TraceConfigError: the regex does not compile.
+    """
+    if names is None or names == "":
+        return lambda name: True
+    if callable(names):
+        return names
+    if isinstance(names, str):
+        try:
+            pattern = re.compile(names)
+        except re.error as exc:
+            raise TraceConfigError(
+                f"{source}={names!r} is not a valid Python regex ({exc}); "
+                r"use e.g. '^blocks\.\d+$', or leave it empty to trace every module"
+            ) from None
+        return lambda name: pattern.search(name) is not None
+    wanted = frozenset(names)
+    return lambda name: name in wanted
+
+
+def parse_bool(value: str | None, *, source: str = ENV_ACTIVATIONS) -> bool:
+    """FastVideo's master switch: unset, empty or ``0`` is off."""
+    if value is None:
+        return False
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise TraceConfigError(f"{source}={value!r} is not a switch value; use 1/true/on or 0/false/off")
+
+
+def parse_stats(value: str | Iterable[str] | None, *, source: str = ENV_STATS) -> tuple[str, ...]:
+    """Parse a comma list of stat names, keeping order and dropping repeats."""
+    if value is None:
+        return FASTVIDEO_DEFAULT_STATS
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [item.strip() for item in items if item.strip()]
+    if not names:
+        return FASTVIDEO_DEFAULT_STATS
+    unknown = [name for name in names if name not in KNOWN_STATS]
+    if unknown:
+        raise TraceConfigError(
+            f"{source}={_show(value)} has unknown stat {unknown[0]!r}; valid: {', '.join(KNOWN_STATS)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def parse_steps(value: str | Iterable[int] | None, *, source: str = ENV_STEPS) -> frozenset[int] | None:
+    """Parse ``0,2,5-7`` into a set of step indices; empty means every step."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        steps = list(value)
+        bad = [s for s in steps if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+        if bad:
+            raise TraceConfigError(f"{source}={steps!r} contains {bad[0]!r}; steps are integers >= 0")
+        return frozenset(steps) if steps else None
+    if not value.strip():
+        return None
+    steps: set[int] = set()
+    for part in value.split(","):
+        token = part.strip()
+        if not token:
+            continue
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", token)
+        if match is None or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
+            raise TraceConfigError(
+                f"{source}={value!r} has invalid item {token!r}; use step indices and "
+                "ascending ranges separated by commas, e.g. '0,2,10-12'"
+            )
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        steps.update(range(low, high + 1))
+    return frozenset(steps)
+
+
+def parse_sample_size(value: str | int | None, *, source: str = ENV_SAMPLE_SIZE) -> int:
+    """How many elements the ``sample`` stat keeps per tensor."""
+    if value is None or value == "":
+        return DEFAULT_SAMPLE_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = -1
+    if size < 1:
+        raise TraceConfigError(f"{source}={value!r} is not a positive integer; use e.g. 256")
+    return size
+
+
+def resolve_output(template: str, *, side: str, rank: int = 0, pid: int | None = None) -> Path:
+    """Fill ``<pid>``, ``<rank>`` and ``<side>`` into an output path template."""
+    text = (
+        template.replace("<pid>", str(os.getpid() if pid is None else pid))
+        .replace("<rank>", str(rank))
+        .replace("<side>", side)
+    )
+    return Path(text)
+
+
+def check_output_writable(path: Path, *, source: str = ENV_OUTPUT) -> None:
+    """Fail at attach time, not at the first flush an hour later."""
+    if path.exists() and path.is_dir():
+        raise TraceConfigError(f"{source}={str(path)!r} is a directory; give a file path ending in .h5")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise TraceConfigError(
+            f"{source}={str(path)!r}: directory {str(parent)!r} is not writable; "
+            "choose a path in a writable directory"
+        )
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """What to trace, validated. Build it with :meth:`from_env` or directly.
+
+    Attributes:
+        enabled: master switch; when false, ``attach`` registers no hook at all.
+        layers: module selection (regex, list of names or predicate).
+        stats: stat names, see :data:`KNOWN_STATS`.
+        steps: step indices to record, ``None`` for all.
+        output: output path template (``<pid>``, ``<rank>``, ``<side>`` placeholders).
+        sample_size: elements kept per tensor by the ``sample`` stat.
+    """
+
+    enabled: bool = True
+    layers: NamesFilter = None
+    stats: tuple[str, ...] = FASTVIDEO_DEFAULT_STATS
+    steps: frozenset[int] | None = None
+    output: str = DEFAULT_OUTPUT
+    sample_size: int = DEFAULT_SAMPLE_SIZE
+    layer_predicate: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stats", parse_stats(self.stats, source="stats"))
+        object.__setattr__(self, "steps", parse_steps(self.steps, source="steps"))
+        object.__setattr__(self, "sample_size", parse_sample_size(self.sample_size, source="sample_size"))
+        object.__setattr__(self, "layer_predicate", names_predicate(self.layers, source="layers"))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> TraceConfig:
+        """Read the ``FASTVIDEO_TRACE_*`` variables; keyword overrides win.
+
+        Raises:
+            TraceConfigError: naming the variable, its value and what is valid.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {
+            "enabled": parse_bool(env.get(ENV_ACTIVATIONS)),
+            "layers": env.get(ENV_LAYERS) or None,
+            "stats": parse_stats(env.get(ENV_STATS)),
+            "steps": parse_steps(env.get(ENV_STEPS)),
+            "output": env.get(ENV_OUTPUT) or DEFAULT_OUTPUT,
+            "sample_size": parse_sample_size(env.get(ENV_SAMPLE_SIZE)),
+        }
+        if isinstance(values["layers"], str):
+            names_predicate(values["layers"], source=ENV_LAYERS)
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def needs_moments(self) -> bool:
+        return any(stat in MOMENT_STATS for stat in self.stats)
+
+    @property
+    def layers_description(self) -> str:
+        """A printable form of the layer selection for trace metadata."""
+        if self.layers is None or self.layers == "":
+            return ""
+        if isinstance(self.layers, str):
+            return self.layers
+        if callable(self.layers):
+            return f"<predicate {getattr(self.layers, '__name__', 'callable')}>"
+        return ",".join(self.layers)
+
+    def wants_step(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
+
+
+def _show(value: object) -> str:
+    return repr(value if isinstance(value, str) else ",".join(map(str, value)))  # type: ignore[arg-type]

@@ -1,0 +1,304 @@
+"""The recorder: forward hooks that turn module outputs into trace records.
+
+Hooks do as little as possible while the model runs: they queue on-device
+moment vectors and sample gathers, and the recorder moves a whole step to the
+host in one transfer per device when the step ends. A failing hook never
+breaks the model: it warns once for that module and lets the forward go on.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tracediff.config import TraceConfig
+from tracediff.hooks import steps as step_state
+from tracediff.hooks.flatten import iter_inputs, iter_tensors
+from tracediff.hooks.stats import moments, take_full, take_sample
+from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE, MAX_DIMS, RECORD_COLUMNS
+from tracediff.store.writer import StepBatch, TraceWriter
+
+ROOT_INDEX = 0
+
+
+@dataclass
+class _Pending:
+    seq: int
+    step: int
+    module: int
+    call: int
+    label: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    moments: torch.Tensor | None
+    sample: torch.Tensor | None
+    full: torch.Tensor | None
+
+
+class Recorder:
+    """Owns the hooks on one model and the writer of its trace file."""
+
+    def __init__(self, model: nn.Module, *, config: TraceConfig, writer: TraceWriter, module_names: list[str]) -> None:
+        self.config = config
+        self.writer = writer
+        self.module_names = module_names
+        self.records_written = 0
+        self.steps_written: list[int] = []
+        self.failures: dict[str, str] = {}
+        self._handles: list[RemovableHandle] = []
+        self._lock = threading.RLock()
+        self._pending: list[_Pending] = []
+        self._calls: defaultdict[int, int] = defaultdict(int)
+        self._seq = 0
+        self._depth = 0
+        self._auto_next = 0
+        self._step: int | None = None
+        self._stopped = False
+        self._want_sample = "sample" in config.stats
+        self._want_full = "full" in config.stats
+        self._want_moments = config.needs_moments
+        self._attach(model)
+        step_state.register(self)
+
+    # -- hook registration ---------------------------------------------------
+    def _attach(self, model: nn.Module) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._root_hook))
+        for index, name in enumerate(self.module_names):
+            if index == ROOT_INDEX or not self.config.layer_predicate(name):
+                continue
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._make_hook(index)))
+
+    def _make_hook(self, index: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._guarded(index, self._record_output, index, output)
+
+        return hook
+
+    @property
+    def hook_count(self) -> int:
+        return len(self._handles)
+
+    # -- step tracking -------------------------------------------------------
+    def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        with self._lock:
+            if self._depth == 0 and step_state.current_step() is None:
+                self._begin_step(self._auto_next)
+                self._auto_next += 1
+            elif step_state.current_step() is not None and step_state.current_step() != self._step:
+                self._begin_step(step_state.current_step())
+            self._depth += 1
+        self._guarded(ROOT_INDEX, self._record_inputs, args, kwargs)
+
+    def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._guarded(ROOT_INDEX, self._record_output, ROOT_INDEX, output)
+        with self._lock:
+            self._depth = max(self._depth - 1, 0)
+            if self._depth == 0 and step_state.current_step() is None and self._step is not None:
+                self._flush(self._step)
+
+    def _begin_step(self, step: int) -> None:
+        if self._step is not None and self._step != step and self._pending:
+            self._flush(self._step)
+        self._step = step
+        self._calls.clear()
+
+    def end_step(self, step: int) -> None:
+        """Called when a ``trace_step`` block exits: commit that step."""
+        with self._lock:
+            if self._step == step:
+                self._flush(step)
+                self._step = None
+
+    def _current(self) -> int | None:
+        explicit = step_state.current_step()
+        if explicit is not None:
+            if explicit != self._step:
+                self._begin_step(explicit)
+            return explicit
+        return self._step
+
+    # -- capture ---------------------------------------------------------------
+    def _guarded(self, index: int, fn: Any, *args: Any) -> None:
+        if self._stopped:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # a hook must never break the model's forward
+            name = self.module_names[index] or "<model>"
+            if name not in self.failures:
+                self.failures[name] = repr(exc)
+                warnings.warn(
+                    f"tracediff: recording {name!r} failed ({exc!r}); this module's records are skipped, "
+                    "the model runs on unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    def _record_inputs(self, args: Any, kwargs: Any) -> None:
+        with self._lock:
+            step = self._current()
+            if step is None or not self.config.wants_step(step):
+                return
+            call = self._calls[-1]
+            self._calls[-1] = call + 1
+            for label, tensor in iter_inputs(args, kwargs or {}):
+                self._capture(step, ROOT_INDEX, call, label, tensor)
+
+    def _record_output(self, index: int, output: Any) -> None:
+        with self._lock:
+            step = self._current()
+            if step is None or not self.config.wants_step(step):
+                return
+            call = self._calls[index]
+            self._calls[index] = call + 1
+            for label, tensor in iter_tensors(output):
+                self._capture(step, index, call, label, tensor)
+
+    def _capture(self, step: int, module: int, call: int, label: str, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            stats = moments(tensor) if self._want_moments else None
+            sample = take_sample(tensor, self.config.sample_size) if self._want_sample else None
+            full = take_full(tensor).to("cpu") if self._want_full else None
+        self._pending.append(
+            _Pending(
+                seq=self._seq,
+                step=step,
+                module=module,
+                call=call,
+                label=label,
+                shape=tuple(tensor.shape),
+                dtype=str(tensor.dtype).replace("torch.", ""),
+                numel=tensor.numel(),
+                moments=stats,
+                sample=sample,
+                full=full,
+            )
+        )
+        self._seq += 1
+
+    # -- flushing ----------------------------------------------------------------
+    def _flush(self, step: int) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            self.writer.write_step(step, _to_batch(pending))
+        except Exception as exc:  # disk full, file removed: stop tracing, keep the model running
+            self._stopped = True
+            warnings.warn(
+                f"tracediff: writing {self.writer.path} failed at step {step} ({exc!r}); tracing stopped, "
+                f"steps {self.steps_written[:1] + self.steps_written[-1:]} and before remain readable",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self.records_written += len(pending)
+        self.steps_written.append(step)
+
+    def close(self) -> None:
+        """Remove every hook, commit what is pending, close the file. Idempotent."""
+        with self._lock:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            step_state.unregister(self)
+            if self._pending and not self._stopped:
+                self._flush(self._step if self._step is not None else 0)
+            if not self._stopped:
+                self.writer.set_attr("failures", self.failures)
+            try:
+                self.writer.close()
+            except Exception as exc:
+                warnings.warn(f"tracediff: closing {self.writer.path} failed ({exc!r})", RuntimeWarning, stacklevel=2)
+
+
+def _to_batch(pending: list[_Pending]) -> StepBatch:
+    """Move one step's captures to the host: one transfer per device per kind."""
+    count = len(pending)
+    columns = {name: np.zeros(count, dtype=dtype) for name, dtype in RECORD_COLUMNS.items()}
+    shape = np.full((count, MAX_DIMS), -1, dtype=np.int64)
+    moment_rows = _gather_rows([p.moments for p in pending], width=7)
+    sample_rows = [p.sample for p in pending]
+    samples = _gather_flat(sample_rows)
+    offset = 0
+    f32_parts: list[np.ndarray] = []
+    f64_parts: list[np.ndarray] = []
+    f32_len = f64_len = 0
+    for row, item in enumerate(pending):
+        columns["seq"][row] = item.seq
+        columns["step"][row] = item.step
+        columns["module"][row] = item.module
+        columns["call"][row] = item.call
+        columns["ndim"][row] = len(item.shape)
+        columns["numel"][row] = item.numel
+        dims = item.shape[:MAX_DIMS]
+        shape[row, : len(dims)] = dims
+        if item.sample is not None:
+            length = int(item.sample.numel())
+            columns["sample_offset"][row] = offset
+            columns["sample_len"][row] = length
+            offset += length
+        if item.full is not None:
+            values = item.full.numpy()
+            if values.dtype == np.float64:
+                columns["full_kind"][row], columns["full_offset"][row] = FULL_F64, f64_len
+                f64_parts.append(values)
+                f64_len += values.size
+            else:
+                columns["full_kind"][row], columns["full_offset"][row] = FULL_F32, f32_len
+                f32_parts.append(values.astype(np.float32, copy=False))
+                f32_len += values.size
+            columns["full_len"][row] = values.size
+        else:
+            columns["full_kind"][row] = FULL_NONE
+    for position, name in enumerate(("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_count")):
+        values = moment_rows[:, position]
+        columns[name] = values.astype(columns[name].dtype) if name.endswith("count") else values
+    return StepBatch(
+        columns=columns,
+        shape=shape,
+        labels=[p.label for p in pending],
+        dtypes=[p.dtype for p in pending],
+        samples=samples,
+        full_f32=np.concatenate(f32_parts) if f32_parts else None,
+        full_f64=np.concatenate(f64_parts) if f64_parts else None,
+    )
+
+
+def _gather_rows(rows: list[torch.Tensor | None], *, width: int) -> np.ndarray:
+    """Stack per-record device vectors into one host array, NaN where absent."""
+    out = np.full((len(rows), width), np.nan)
+    by_device: defaultdict[torch.device, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        if row is not None:
+            by_device[row.device].append(index)
+    for indices in by_device.values():
+        host = torch.stack([rows[i] for i in indices]).to("cpu").numpy()  # type: ignore[misc]
+        out[indices] = host
+    counts = out[:, 5:7]
+    counts[np.isnan(counts)] = 0
+    return out
+
+
+def _gather_flat(parts: list[torch.Tensor | None]) -> np.ndarray | None:
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    order: list[tuple[torch.device, int]] = []
+    for part in present:
+        order.append((part.device, len(by_device[part.device])))
+        by_device[part.device].append(part.to(torch.float64))
+    host = {device: torch.cat(items).to("cpu").numpy() for device, items in by_device.items()}
+    starts = {device: np.cumsum([0] + [t.numel() for t in items]) for device, items in by_device.items()}
+    pieces = [host[device][starts[device][i] : starts[device][i + 1]] for device, i in order]
+    return np.concatenate(pieces)

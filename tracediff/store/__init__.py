@@ -1,0 +1,1 @@
+"""Trace files: the HDF5 writer and reader (and imports from other formats)."""

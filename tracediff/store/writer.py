@@ -1,0 +1,195 @@
+"""HDF5 trace writer: append one step at a time, never leave a half-step behind.
+
+Each :meth:`TraceWriter.write_step` appends the step's records and values,
+flushes, and only then appends a row to ``/commits`` and flushes again. A
+reader trusts nothing past the last commit row, so a process killed at any
+moment leaves a file whose committed records form a prefix of the run (see
+docs/trace-format.md, "Crash safety").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tracediff.store.format import (
+    ENCODING_TYPE,
+    FORMAT_VERSION,
+    FULL_F32,
+    FULL_F64,
+    FULL_NONE,
+    MAX_DIMS,
+    RECORD_CHUNK,
+    RECORD_COLUMNS,
+    SHAPE_COLUMN,
+    VALUE_CHUNK,
+)
+from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable
+
+_STR = h5py.string_dtype("utf-8")
+COMMIT_FIELDS = ("step", "records", "labels", "dtypes", "samples", "full_f32", "full_f64")
+
+
+@dataclass
+class StepBatch:
+    """One step's records, column-wise, ready to append."""
+
+    columns: dict[str, np.ndarray]
+    shape: np.ndarray
+    labels: list[str] = field(default_factory=list)  # label strings, one per record
+    dtypes: list[str] = field(default_factory=list)  # dtype names, one per record
+    samples: np.ndarray | None = None  # flat float64 values; offsets are batch-relative
+    full_f32: np.ndarray | None = None
+    full_f64: np.ndarray | None = None
+
+
+class TraceWriter:
+    """Writes one side's trace file. Not thread-safe: the recorder serialises calls."""
+
+    def __init__(self, path: Path, *, attrs: dict[str, Any], module_table: ModuleTable) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = h5py.File(path, "w")
+        self._label_index: dict[str, int] = {}
+        self._dtype_index: dict[str, int] = {}
+        self._closed = False
+        self._write_header(attrs)
+        self._write_modules(module_table)
+        self._create_tables()
+        self._file.flush()
+
+    # -- layout --------------------------------------------------------------
+    def _write_header(self, attrs: dict[str, Any]) -> None:
+        root = self._file.attrs
+        root["encoding-type"] = ENCODING_TYPE
+        root["encoding-version"] = str(FORMAT_VERSION)
+        root["format_version"] = FORMAT_VERSION
+        root["complete"] = False
+        for key, value in attrs.items():
+            self.set_attr(key, value)
+
+    def _write_modules(self, table: ModuleTable) -> None:
+        group = self._file.create_group("modules")
+        group.attrs["encoding-type"] = "tracediff-module-table"
+        group.attrs["encoding-version"] = str(FORMAT_VERSION)
+        group.create_dataset("name", data=np.array(table.names, dtype=object), dtype=_STR)
+        group.create_dataset("class", data=np.array(table.classes, dtype=object), dtype=_STR)
+        params = self._file.create_group("params")
+        params.attrs["encoding-type"] = "tracediff-param-table"
+        params.attrs["encoding-version"] = str(FORMAT_VERSION)
+        params.attrs["fingerprint_sample"] = FINGERPRINT_SAMPLE
+        entries = table.params
+        shapes = np.full((len(entries), MAX_DIMS), -1, dtype=np.int64)
+        for row, entry in enumerate(entries):
+            dims = entry.shape[:MAX_DIMS]
+            shapes[row, : len(dims)] = dims
+        params.create_dataset("module", data=np.array([e.module_index for e in entries], dtype=np.int32))
+        params.create_dataset("name", data=np.array([e.name for e in entries], dtype=object), dtype=_STR)
+        params.create_dataset("kind", data=np.array([e.kind for e in entries], dtype=object), dtype=_STR)
+        params.create_dataset("dtype", data=np.array([e.dtype for e in entries], dtype=object), dtype=_STR)
+        params.create_dataset("ndim", data=np.array([len(e.shape) for e in entries], dtype=np.int8))
+        params.create_dataset("shape", data=shapes)
+        params.create_dataset("moments", data=table.param_moments.reshape(len(entries), 7))
+        params.create_dataset("sample", data=table.param_samples.reshape(len(entries), FINGERPRINT_SAMPLE))
+        params.create_dataset("sample_t", data=table.param_samples_t.reshape(len(entries), FINGERPRINT_SAMPLE))
+
+    def _create_tables(self) -> None:
+        records = self._file.create_group("records")
+        records.attrs["encoding-type"] = "tracediff-records"
+        records.attrs["encoding-version"] = str(FORMAT_VERSION)
+        for name, dtype in RECORD_COLUMNS.items():
+            records.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(RECORD_CHUNK,))
+        records.create_dataset(
+            SHAPE_COLUMN, shape=(0, MAX_DIMS), maxshape=(None, MAX_DIMS), dtype="i8", chunks=(RECORD_CHUNK, MAX_DIMS)
+        )
+        for table in ("labels", "dtypes"):
+            self._file.create_dataset(table, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(256,))
+        self._file.create_dataset("samples", shape=(0,), maxshape=(None,), dtype="f8", chunks=(VALUE_CHUNK,))
+        full = self._file.create_group("full")
+        full.create_dataset("f32", shape=(0,), maxshape=(None,), dtype="f4", chunks=(VALUE_CHUNK,))
+        full.create_dataset("f64", shape=(0,), maxshape=(None,), dtype="f8", chunks=(VALUE_CHUNK,))
+        commits = self._file.create_dataset(
+            "commits", shape=(0, len(COMMIT_FIELDS)), maxshape=(None, len(COMMIT_FIELDS)), dtype="i8", chunks=(256, 7)
+        )
+        commits.attrs["fields"] = list(COMMIT_FIELDS)
+        self._file.create_dataset("commit_time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(256,))
+
+    # -- appending -----------------------------------------------------------
+    def write_step(self, step: int, batch: StepBatch) -> None:
+        """Append one step's records and commit them."""
+        records = self._file["records"]
+        start = records["seq"].shape[0]
+        count = len(batch.labels)
+        columns = dict(batch.columns)
+        columns["label"] = np.array([self._intern(self._label_index, "labels", s) for s in batch.labels], np.int32)
+        columns["dtype"] = np.array([self._intern(self._dtype_index, "dtypes", s) for s in batch.dtypes], np.int16)
+        sample_start = self._append("samples", batch.samples)
+        f32_start = self._append("full/f32", batch.full_f32)
+        f64_start = self._append("full/f64", batch.full_f64)
+        if count:
+            columns["sample_offset"] = np.where(
+                columns["sample_len"] > 0, columns["sample_offset"] + sample_start, -1
+            )
+            kind = columns["full_kind"]
+            base = np.where(kind == FULL_F32, f32_start, np.where(kind == FULL_F64, f64_start, 0))
+            columns["full_offset"] = np.where(kind == FULL_NONE, -1, columns["full_offset"] + base)
+            for name, dtype in RECORD_COLUMNS.items():
+                data = records[name]
+                data.resize((start + count,))
+                data[start:] = np.asarray(columns[name], dtype=dtype)
+            shapes = records[SHAPE_COLUMN]
+            shapes.resize((start + count, MAX_DIMS))
+            shapes[start:] = batch.shape
+        self._file.flush()
+        commits = self._file["commits"]
+        row = [
+            step,
+            start + count,
+            self._file["labels"].shape[0],
+            self._file["dtypes"].shape[0],
+            self._file["samples"].shape[0],
+            self._file["full/f32"].shape[0],
+            self._file["full/f64"].shape[0],
+        ]
+        commits.resize((commits.shape[0] + 1, len(COMMIT_FIELDS)))
+        commits[-1] = row
+        stamps = self._file["commit_time"]
+        stamps.resize((stamps.shape[0] + 1,))
+        stamps[-1] = time.time()
+        self._file.flush()
+
+    def _intern(self, index: dict[str, int], table: str, value: str) -> int:
+        found = index.get(value)
+        if found is None:
+            found = index[value] = len(index)
+            data = self._file[table]
+            data.resize((found + 1,))
+            data[found] = value
+        return found
+
+    def _append(self, name: str, values: np.ndarray | None) -> int:
+        data = self._file[name]
+        start = data.shape[0]
+        if values is not None and values.size:
+            data.resize((start + values.size,))
+            data[start:] = values
+        return start
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """Scalars are stored as they are, anything else as a JSON string."""
+        plain = isinstance(value, (str, int, float, bool)) and not isinstance(value, np.generic)
+        self._file.attrs[key] = value if plain else json.dumps(value)
+
+    def close(self) -> None:
+        """Mark the trace complete and close it; calling twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._file.attrs["complete"] = True
+        self._file.close()

@@ -1,0 +1,195 @@
+"""In-memory view of one traced side: records as numpy columns plus metadata.
+
+Both the HDF5 reader and the FastVideo JSONL importer produce a :class:`Trace`,
+so aligner and differ never care where the numbers came from. Records stay
+column-wise (one numpy array per field) so a million of them cost a few
+arrays, not a million Python objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from tracediff.store.format import FULL_NONE, MAX_DIMS
+
+#: Stats that can be derived from the stored moments.
+DERIVED_STATS = ("abs_mean", "sum", "min", "max", "mean", "std", "l2", "nan_count", "inf_count")
+
+
+#: Elements per parameter kept in the fingerprint sample.
+FINGERPRINT_SAMPLE = 32
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    """One parameter or buffer owned directly by a module."""
+
+    module_index: int
+    name: str
+    kind: str  # "parameter" or "buffer"
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModuleTable:
+    """Every module of a model in ``named_modules()`` order, with its own tensors."""
+
+    names: list[str]
+    classes: list[str]
+    params: list[ParamEntry]
+    #: ``(len(params), 7)`` moments, see :data:`tracediff.store.format.MOMENT_COLUMNS`.
+    param_moments: np.ndarray
+    #: ``(len(params), FINGERPRINT_SAMPLE)`` values at fixed positions (NaN-padded).
+    param_samples: np.ndarray
+    #: same positions read from the transposed tensor (2-D tensors only, else NaN).
+    param_samples_t: np.ndarray
+
+
+
+class ArrayLike(Protocol):
+    def __getitem__(self, item: Any) -> Any: ...
+
+
+@dataclass
+class Records:
+    """Column store of records in execution order.
+
+    Attributes:
+        columns: name -> 1-D array, see :data:`tracediff.store.format.RECORD_COLUMNS`.
+        shape: ``(N, MAX_DIMS)`` int64, padded with -1.
+        labels: label table; ``columns["label"]`` indexes it.
+        dtypes: dtype-name table; ``columns["dtype"]`` indexes it.
+        direct: stats stored as values rather than moments (FastVideo JSONL).
+    """
+
+    columns: dict[str, np.ndarray]
+    shape: np.ndarray
+    labels: list[str]
+    dtypes: list[str]
+    direct: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.columns["seq"].shape[0])
+
+    def shape_of(self, index: int) -> tuple[int, ...]:
+        ndim = int(self.columns["ndim"][index])
+        return tuple(int(d) for d in self.shape[index, :ndim])
+
+    def label_of(self, index: int) -> str:
+        return self.labels[int(self.columns["label"][index])]
+
+    def dtype_of(self, index: int) -> str:
+        return self.dtypes[int(self.columns["dtype"][index])]
+
+
+@dataclass
+class Trace:
+    """One side's trace. Use :func:`tracediff.open_trace` to get one.
+
+    Attributes:
+        path: where it was read from.
+        meta: root attributes (side, model class, versions, device, …).
+        config: the tracing configuration that produced it.
+        modules: module table of the traced model (may be empty for imports).
+        records: the records.
+        complete: False when the writer never closed the file (killed run).
+    """
+
+    path: str
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    modules: ModuleTable
+    records: Records
+    complete: bool = True
+    samples: ArrayLike | None = None
+    full_values: Mapping[int, ArrayLike] = field(default_factory=dict)
+    _closer: Any = None
+
+    # -- convenience -------------------------------------------------------
+    @property
+    def side(self) -> str:
+        return str(self.meta.get("side", ""))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(int(s) for s in np.unique(self.records.columns["step"]))
+
+    def module_name(self, index: int) -> str:
+        return self.modules.names[index] if index >= 0 else "<unknown>"
+
+    def record_modules(self) -> np.ndarray:
+        """Module name of every record, as an object array (vectorised lookup)."""
+        table = np.asarray(self.modules.names + ["<unknown>"], dtype=object)
+        return table[self.records.columns["module"]]
+
+    def record_labels(self) -> np.ndarray:
+        return np.asarray(self.records.labels, dtype=object)[self.records.columns["label"]]
+
+    def has_stat(self, name: str) -> bool:
+        if name in self.records.direct:
+            return True
+        return bool(self.meta.get("has_moments", False)) and name in DERIVED_STATS
+
+    def stat(self, name: str) -> np.ndarray:
+        """One stat for every record (NaN where unknown), derived from moments.
+
+        ``std`` is the unbiased (Bessel-corrected) standard deviation, as
+        ``torch.std`` and FastVideo's tracer compute it.
+        """
+        if name in self.records.direct:
+            return self.records.direct[name]
+        cols = self.records.columns
+        count = cols["numel"].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if name in ("sum", "min", "max"):
+                return cols[name]
+            if name in ("nan_count", "inf_count"):
+                return cols[name].astype(np.float64)
+            if name == "abs_mean":
+                return cols["abs_sum"] / count
+            if name == "mean":
+                return cols["sum"] / count
+            if name == "l2":
+                return np.sqrt(cols["sumsq"])
+            if name == "std":
+                centred = np.maximum(cols["sumsq"] - cols["sum"] ** 2 / count, 0.0)
+                return np.sqrt(centred / (count - 1.0))
+        raise KeyError(f"unknown stat {name!r}; known: {', '.join(DERIVED_STATS)}")
+
+    def sample(self, index: int) -> np.ndarray | None:
+        """The ``sample`` stat's values of record ``index``, or None."""
+        length = int(self.records.columns["sample_len"][index])
+        if length <= 0 or self.samples is None:
+            return None
+        offset = int(self.records.columns["sample_offset"][index])
+        return np.asarray(self.samples[offset : offset + length], dtype=np.float64)
+
+    def full(self, index: int) -> np.ndarray | None:
+        """The whole tensor of record ``index`` (shape restored), or None."""
+        kind = int(self.records.columns["full_kind"][index])
+        if kind == FULL_NONE or kind not in self.full_values:
+            return None
+        offset = int(self.records.columns["full_offset"][index])
+        length = int(self.records.columns["full_len"][index])
+        flat = np.asarray(self.full_values[kind][offset : offset + length])
+        return flat.reshape(self.records.shape_of(index))
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def empty_shape(n: int) -> np.ndarray:
+    return np.full((n, MAX_DIMS), -1, dtype=np.int64)
