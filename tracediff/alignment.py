@@ -1,0 +1,75 @@
+"""The result of aligning two traces: which upstream module is which port module.
+
+This is the contract between the aligner (:mod:`tracediff.align`, which builds
+an :class:`Alignment`) and everything downstream (differ, bisection, reports),
+kept in its own small module so neither side reaches into the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: Where a pair came from, strongest first.
+Source = Literal["root", "map", "param_map", "fingerprint", "structure"]
+SOURCES: tuple[str, ...] = ("root", "map", "param_map", "fingerprint", "structure")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One upstream module that computes what one port module computes.
+
+    Attributes:
+        upstream: module name in the upstream model (``""`` is the model itself).
+        port: module name in the port.
+        source: which evidence paired them, see :data:`SOURCES`.
+        confidence: 0..1; explicit mappings are 1.0, structural guesses lower.
+    """
+
+    upstream: str
+    port: str
+    source: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Group:
+    """Several modules on one side matching one (or several) on the other.
+
+    The classic case is a fused upstream ``qkv`` against the port's ``to_q``,
+    ``to_k``, ``to_v``: their outputs are not comparable one to one, but the
+    group is reported so nobody thinks those modules were forgotten.
+    """
+
+    upstream: tuple[str, ...]
+    port: tuple[str, ...]
+    source: str
+    note: str = ""
+
+
+@dataclass
+class Alignment:
+    """All pairs, many-to-one groups, and what stayed unmatched on each side."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    unmatched_upstream: list[str] = field(default_factory=list)
+    unmatched_port: list[str] = field(default_factory=list)
+
+    def port_for(self, upstream: str) -> str | None:
+        return self._by_upstream().get(upstream)
+
+    def upstream_for(self, port: str) -> str | None:
+        return self._by_port().get(port)
+
+    def pair_for_port(self, port: str) -> Pair | None:
+        for pair in self.pairs:
+            if pair.port == port:
+                return pair
+        return None
+
+    def _by_upstream(self) -> dict[str, str]:
+        return {pair.upstream: pair.port for pair in self.pairs}
+
+    def _by_port(self) -> dict[str, str]:
+        return {pair.port: pair.upstream for pair in self.pairs}
