@@ -4,17 +4,32 @@ Public API:
     attach, trace_step: record a model's per-layer activations into HDF5.
     TraceConfig: tracing settings (``FASTVIDEO_TRACE_*`` variables or arguments).
     open_trace: read a trace back as numpy columns.
+
+Names are imported lazily so that commands which only read traces
+(``tracediff show``, ``first-drift``) start without importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from tracediff.config import TraceConfig
-from tracediff.errors import AlignmentError, SpecError, TraceConfigError, TracediffError, TraceFormatError
-from tracediff.hooks import TraceHandle, attach, current_step, trace_step
-from tracediff.store.reader import open_trace
-from tracediff.trace import Trace
+_EXPORTS = {
+    "TraceConfig": "tracediff.config",
+    "AlignmentError": "tracediff.errors",
+    "SpecError": "tracediff.errors",
+    "TraceConfigError": "tracediff.errors",
+    "TraceFormatError": "tracediff.errors",
+    "TracediffError": "tracediff.errors",
+    "TraceHandle": "tracediff.hooks",
+    "attach": "tracediff.hooks",
+    "current_step": "tracediff.hooks",
+    "trace_step": "tracediff.hooks",
+    "open_trace": "tracediff.store.reader",
+    "Trace": "tracediff.trace",
+}
 
 __all__ = [
     "AlignmentError",
@@ -31,3 +46,19 @@ __all__ = [
     "open_trace",
     "trace_step",
 ]
+
+if TYPE_CHECKING:
+    from tracediff.config import TraceConfig
+    from tracediff.errors import AlignmentError, SpecError, TraceConfigError, TracediffError, TraceFormatError
+    from tracediff.hooks import TraceHandle, attach, current_step, trace_step
+    from tracediff.store.reader import open_trace
+    from tracediff.trace import Trace
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tracediff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

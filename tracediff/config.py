@@ -183,13 +183,15 @@ class TraceConfig:
     steps: frozenset[int] | None = None
     output: str = DEFAULT_OUTPUT
     sample_size: int = DEFAULT_SAMPLE_SIZE
+    #: what to call the layer selection in error messages (env var or argument name)
+    layers_source: str = "layers"
     layer_predicate: Callable[[str], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stats", parse_stats(self.stats, source="stats"))
         object.__setattr__(self, "steps", parse_steps(self.steps, source="steps"))
         object.__setattr__(self, "sample_size", parse_sample_size(self.sample_size, source="sample_size"))
-        object.__setattr__(self, "layer_predicate", names_predicate(self.layers, source="layers"))
+        object.__setattr__(self, "layer_predicate", names_predicate(self.layers, source=self.layers_source))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> TraceConfig:
@@ -207,8 +209,10 @@ class TraceConfig:
             "output": env.get(ENV_OUTPUT) or DEFAULT_OUTPUT,
             "sample_size": parse_sample_size(env.get(ENV_SAMPLE_SIZE)),
         }
-        if isinstance(values["layers"], str):
-            names_predicate(values["layers"], source=ENV_LAYERS)
+        if values["layers"] is not None:
+            values["layers_source"] = ENV_LAYERS
+        if overrides.get("layers") is not None:
+            values["layers_source"] = "layers"
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)  # type: ignore[arg-type]
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracediff.config import ENV_LAYERS, ENV_OUTPUT, TraceConfig, check_output_writable, resolve_output
+from tracediff.config import ENV_OUTPUT, TraceConfig, check_output_writable, resolve_output
 from tracediff.errors import TraceConfigError
 from tracediff.hooks.fingerprint import build_module_table
 from tracediff.hooks.recorder import Recorder
@@ -115,9 +115,8 @@ def attach(
     selected = [name for name in table.names[1:] if config.layer_predicate(name)]
     if not selected and config.layers not in (None, ""):
         examples = ", ".join(repr(n) for n in table.names[1:6]) or "(the model has no submodules)"
-        source = ENV_LAYERS if isinstance(config.layers, str) else "layers"
         raise TraceConfigError(
-            f"{source}={config.layers_description!r} matches none of the model's {len(table.names) - 1} "
+            f"{config.layers_source}={config.layers_description!r} matches none of the model's {len(table.names) - 1} "
             f"submodules; names look like {examples}"
         )
     writer = TraceWriter(path, attrs=_metadata(model, side, config, rank, world), module_table=table)

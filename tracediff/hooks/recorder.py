@@ -63,6 +63,7 @@ class Recorder:
         self._auto_next = 0
         self._step: int | None = None
         self._stopped = False
+        self._closed = False
         self._want_sample = "sample" in config.stats
         self._want_full = "full" in config.stats
         self._want_moments = config.needs_moments
@@ -207,6 +208,9 @@ class Recorder:
     def close(self) -> None:
         """Remove every hook, commit what is pending, close the file. Idempotent."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()

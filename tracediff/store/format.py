@@ -43,5 +43,5 @@ MOMENT_COLUMNS = ("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_cou
 FULL_NONE, FULL_F32, FULL_F64 = 0, 1, 2
 FULL_DATASETS = {FULL_F32: "full/f32", FULL_F64: "full/f64"}
 
-RECORD_CHUNK = 4096
-VALUE_CHUNK = 1 << 15
+RECORD_CHUNK = 1024
+VALUE_CHUNK = 1 << 14
