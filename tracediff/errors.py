@@ -26,3 +26,7 @@ class AlignmentError(TracediffError):
 
 class SpecError(TracediffError):
     """A run spec (TOML file or CLI flags) is incomplete or wrong."""
+
+
+class DiffError(TracediffError):
+    """Two traces cannot be compared (nothing aligned, no common step, bad tolerance)."""

@@ -1,0 +1,1019 @@
+"""Compare two aligned traces record by record and find the first drift in execution order.
+
+Records of an aligned module pair are matched by ``(step, call, tensor label)``.
+For each match the differ computes what both traces allow:
+
+* **elements** (``sample`` or ``full`` captured on both sides, same shape):
+  ``torch.testing.assert_close`` semantics, an element fails when
+  ``|port - ref| > atol + rtol * |ref|``; plus max absolute error, relative L2
+  error ``||port - ref|| / ||ref||``, cosine similarity and SQNR in dB.
+  Element checks are authoritative when present.
+* **stats** (everything else, e.g. FastVideo JSONL): relative drift
+  ``|port - ref| / max(scale, atol)`` of abs-mean, L2 norm, max, min, mean,
+  std and sum, failing above ``stat_rtol``.
+* ``abs_mean_limit``, when the tolerance sets one, bounds abs-mean drift on
+  every record, elements or not.
+
+Each matched record gets a ``ratio``: the largest ``value / limit`` over the
+checks that applied, so ``ratio > 1`` means it breaks tolerance whatever the
+check and whatever per-module override applied. Its ``drift`` is the number a
+human reads on the curve: relative L2 error when elements were compared, else
+the largest relative stat drift.
+
+Shape and dtype mismatches, records present on one side only and the first
+NaN/Inf are findings of their own kinds, ordered with drifts by the port's
+execution order. Everything is vectorised over records with numpy; Python
+objects are built only for the records a report shows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+
+from tracediff.alignment import Alignment
+from tracediff.errors import DiffError
+from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE
+from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
+from tracediff.trace import Trace
+
+FindingKind = Literal[
+    "missing_in_port", "missing_in_upstream", "shape_mismatch", "dtype_mismatch", "nonfinite", "drift"
+]
+#: Finding kinds; at the same record the earlier kind is reported first.
+KINDS: tuple[str, ...] = (
+    "missing_in_port",
+    "missing_in_upstream",
+    "shape_mismatch",
+    "dtype_mismatch",
+    "nonfinite",
+    "drift",
+)
+#: Kinds that make a diff fail unless the caller says otherwise. A dtype mismatch is
+#: usually deliberate (a bf16 port against an fp32 reference) and a record on one side
+#: only is usually a structural difference whose numerical effect shows up as drift
+#: at the next aligned record; both are reported, neither fails by default.
+DEFAULT_FAIL_ON: frozenset[str] = frozenset({"drift", "shape_mismatch", "nonfinite"})
+
+#: Stats compared on records without elements, in reporting order.
+STAT_CHECKS: tuple[str, ...] = ("abs_mean", "l2", "max", "min", "mean", "std", "sum")
+#: Compared only when both traces recorded them as values: ``std`` derived from moments
+#: (``sumsq - sum**2 / n``) cancels catastrophically when ``|mean| >> std``.
+_RECORDED_ONLY = frozenset({"std"})
+_CHECK_NAMES = ("elements", "abs_mean_limit", *STAT_CHECKS)
+_ELEMENTS, _ABS_MEAN_LIMIT, _FIRST_STAT = 0, 1, 2
+
+#: Elements processed per vectorised batch (bounds memory, not speed).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One compared record pair: a point of the drift curve.
+
+    Attributes:
+        index: position among the compared records of its step, in port execution order.
+        step, call, label: the record key.
+        port, upstream: module names on each side.
+        drift: relative L2 error with elements, else the largest relative stat drift.
+        ratio: largest ``value / limit`` over the checks that applied; > 1 fails.
+        check: the check that set ``ratio``: ``elements``, ``abs_mean_limit``, or a stat name.
+        value, limit: that check's measured value and the limit it was held to.
+        failed: ``ratio > 1``.
+        elements: ``"full"``, ``"sample"`` or ``""`` (stats only).
+        max_abs_err, rel_l2, cosine, sqnr_db: element metrics (NaN without elements).
+        stat_drift: relative drift of each stat both sides hold.
+        port_shape, upstream_shape, port_dtype, upstream_dtype: as recorded.
+        port_record, upstream_record: record indices into each trace.
+    """
+
+    index: int
+    step: int
+    call: int
+    label: str
+    port: str
+    upstream: str
+    drift: float
+    ratio: float
+    check: str
+    value: float
+    limit: float
+    failed: bool
+    elements: str
+    max_abs_err: float
+    rel_l2: float
+    cosine: float
+    sqnr_db: float
+    stat_drift: dict[str, float]
+    port_shape: tuple[int, ...] | None
+    upstream_shape: tuple[int, ...] | None
+    port_dtype: str
+    upstream_dtype: str
+    port_record: int
+    upstream_record: int
+
+    @property
+    def checked(self) -> bool:
+        return not math.isnan(self.ratio)
+
+    @property
+    def metric(self) -> str:
+        """Human name of the deciding check, for headlines."""
+        if self.check == "elements":
+            return "max abs error"
+        if self.check == "abs_mean_limit":
+            return "abs_mean drift"
+        return f"{self.check} drift" if self.check else "unchecked"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something worth reporting at one record, in port execution order.
+
+    Attributes:
+        kind: see :data:`KINDS`.
+        step, call, label: the record key.
+        port, upstream: module names (``None`` on the side that lacks the record's module).
+        fatal: whether this kind fails the diff (see ``fail_on``).
+        message: one line describing it.
+        row: the compared record pair, for kinds found on a matched record.
+        port_record, upstream_record: record indices, ``None`` on the missing side.
+    """
+
+    kind: str
+    step: int
+    call: int
+    label: str
+    port: str | None
+    upstream: str | None
+    fatal: bool
+    message: str
+    row: LayerRow | None = None
+    port_record: int | None = None
+    upstream_record: int | None = None
+    #: place in the port's execution order (an upstream-only record sits between two port records)
+    position: float = math.nan
+
+    @property
+    def metric(self) -> str:
+        return self.row.metric if self.kind == "drift" and self.row is not None else self.kind
+
+    @property
+    def value(self) -> float | None:
+        return self.row.value if self.kind == "drift" and self.row is not None else None
+
+    @property
+    def limit(self) -> float | None:
+        return self.row.limit if self.kind == "drift" and self.row is not None else None
+
+
+@dataclass(eq=False)  # holds numpy arrays: identity, not value, equality
+class DiffResult:
+    """Outcome of :func:`diff_traces`; truthy when nothing breaks tolerance.
+
+    Attributes:
+        tolerance: what was applied.
+        first_drift: the earliest fatal finding in port execution order (earliest step first).
+        last_good: the last compared record before it, in its step, still within tolerance.
+        findings: the first finding of each kind in each step, in execution order.
+        counts: how many records of each kind were found in all compared steps.
+        steps: steps compared; ``drifting_steps`` those with a fatal finding.
+        curve_step: the step ``rows`` describe (the first drift's, else the first compared).
+        compared: record pairs compared; ``aligned_modules``: module pairs that had any.
+        unchecked: compared pairs with nothing to compare (no common stat, no elements).
+        steps_only_upstream, steps_only_port: steps one side has and the other lacks.
+        one_sided_modules: aligned module pairs traced on one side only (not findings).
+        fail_on: the finding kinds that count as fatal.
+    """
+
+    tolerance: Tolerance
+    first_drift: Finding | None
+    last_good: LayerRow | None
+    findings: list[Finding]
+    counts: dict[str, int]
+    steps: list[int]
+    drifting_steps: list[int]
+    curve_step: int
+    compared: int
+    aligned_modules: int
+    unchecked: int
+    steps_only_upstream: list[int] = field(default_factory=list)
+    steps_only_port: list[int] = field(default_factory=list)
+    one_sided_modules: int = 0
+    fail_on: frozenset[str] = DEFAULT_FAIL_ON
+    upstream_path: str = ""
+    port_path: str = ""
+    _table: _Table | None = field(default=None, repr=False)
+
+    def __bool__(self) -> bool:
+        return self.first_drift is None
+
+    @cached_property
+    def rows(self) -> list[LayerRow]:
+        """Every compared record of :attr:`curve_step`, in port execution order."""
+        if self._table is None:
+            return []
+        return [self._table.row(int(i)) for i in self._table.step_rows(self.curve_step)]
+
+    def curve(self, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(ratio, drift)`` arrays of one step's compared records, without building rows."""
+        if self._table is None:
+            return np.zeros(0), np.zeros(0)
+        rows = self._table.step_rows(self.curve_step if step is None else step)
+        return self._table.ratio[rows], self._table.drift[rows]
+
+    @property
+    def first_drift_index(self) -> int | None:
+        """Index into :attr:`rows` of the first drift's record (or of the row just after it)."""
+        if self.first_drift is None or self._table is None:
+            return None
+        rows = self._table.step_rows(self.first_drift.step)
+        return int(np.searchsorted(self._table.match.m_pos[rows], self.first_drift.position))
+
+
+def diff_traces(
+    upstream: Trace,
+    port: Trace,
+    alignment: Alignment,
+    *,
+    tolerance: Tolerance | str | None = None,
+    step: int | None = None,
+    fail_on: Iterable[str] = DEFAULT_FAIL_ON,
+) -> DiffResult:
+    """Compare ``port`` against ``upstream`` and find the first record that breaks tolerance.
+
+    Args:
+        upstream: the reference trace (its values are ``b`` in ``atol + rtol * |b|``).
+        port: the trace under test; its execution order defines "first".
+        alignment: which upstream module is which port module.
+        tolerance: a :class:`Tolerance`, a preset name, or ``None`` for :data:`DEFAULT_PRESET`.
+        step: compare this step only; default every step both traces hold.
+        fail_on: finding kinds that fail the diff (default :data:`DEFAULT_FAIL_ON`).
+
+    Returns:
+        A :class:`DiffResult`, truthy when nothing fatal was found.
+
+    Raises:
+        DiffError: no step in common, ``step`` absent, nothing aligned, or nothing comparable.
+    """
+    tol = _resolve_tolerance(tolerance)
+    fail_on = frozenset(fail_on)
+    unknown = sorted(fail_on - set(KINDS))
+    if unknown:
+        raise DiffError(f"fail_on has unknown kind {unknown[0]!r}; valid: {', '.join(KINDS)}")
+    match = _Match.build(upstream, port, alignment, step)
+    table = _Table.build(upstream, port, match, tol)
+    return _collect(table, tol, fail_on, upstream, port)
+
+
+def _resolve_tolerance(tolerance: Tolerance | str | None) -> Tolerance:
+    if tolerance is None:
+        return PRESETS[DEFAULT_PRESET]
+    if isinstance(tolerance, str):
+        return preset(tolerance)
+    return tolerance
+
+
+# -- record matching -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Match:
+    """Which records are compared, which are one-sided, and where each sits in port order."""
+
+    pairs: list[tuple[str, str]]  # (port, upstream) per pair id
+    steps: list[int]
+    steps_only_upstream: list[int]
+    steps_only_port: list[int]
+    u_step: np.ndarray  # per upstream record, reconciled
+    p_step: np.ndarray
+    u_pair: np.ndarray  # per upstream record, -1 = not aligned
+    p_pair: np.ndarray
+    labels: list[str]  # common label vocabulary
+    u_label: np.ndarray
+    p_label: np.ndarray
+    # matched records
+    mu: np.ndarray
+    mp: np.ndarray
+    m_pos: np.ndarray
+    # one-sided records (of pairs traced on both sides in that step)
+    only_p: np.ndarray
+    only_p_pos: np.ndarray
+    only_u: np.ndarray
+    only_u_pos: np.ndarray
+    one_sided_modules: int
+
+    @classmethod
+    def build(cls, upstream: Trace, port: Trace, alignment: Alignment, step: int | None) -> _Match:
+        pairs, u_pair_of, p_pair_of = _pair_tables(upstream, port, alignment)
+        uc, pc = upstream.records.columns, port.records.columns
+        u_pair = u_pair_of[uc["module"]] if len(upstream.records) else np.zeros(0, dtype=np.int64)
+        p_pair = p_pair_of[pc["module"]] if len(port.records) else np.zeros(0, dtype=np.int64)
+        u_step, p_step = _reconcile_steps(uc["step"].astype(np.int64), pc["step"].astype(np.int64))
+        u_steps = set(_distinct(u_step[u_pair >= 0]).tolist())
+        p_steps = set(_distinct(p_step[p_pair >= 0]).tolist())
+        common = sorted(u_steps & p_steps)
+        if not u_steps or not p_steps:
+            side = "either side" if not (u_steps or p_steps) else ("upstream" if not u_steps else "the port")
+            raise DiffError(
+                f"nothing aligned: none of the {len(pairs)} aligned module pair(s) has records on {side} "
+                f"(traced modules: upstream {len(_distinct(uc['module']))}, port {len(_distinct(pc['module']))}); "
+                "give the aligner a mapping file (--map) or trace the same layers on both sides"
+            )
+        if step is not None:
+            if step not in common:
+                raise DiffError(
+                    f"step {step} is not in both traces (upstream steps: {_list(sorted(u_steps))}; "
+                    f"port steps: {_list(sorted(p_steps))})"
+                )
+            common = [step]
+        elif not common:
+            raise DiffError(
+                f"the traces share no step with aligned records (upstream steps: {_list(sorted(u_steps))}; "
+                f"port steps: {_list(sorted(p_steps))}; aligned module pairs: {len(pairs)})"
+            )
+        labels: dict[str, int] = {}
+        u_label = _label_map(upstream.records.labels, labels)[uc["label"]]
+        p_label = _label_map(port.records.labels, labels)[pc["label"]]
+        steps_arr = np.asarray(common, dtype=np.int64)
+        u_rows = np.flatnonzero((u_pair >= 0) & np.isin(u_step, steps_arr))
+        p_rows = np.flatnonzero((p_pair >= 0) & np.isin(p_step, steps_arr))
+        # Port execution order: step-major, then seq. Rank = position in that order.
+        p_rows = p_rows[np.lexsort((pc["seq"][p_rows], p_step[p_rows]))]
+        u_rows = u_rows[np.lexsort((uc["seq"][u_rows], u_step[u_rows]))]
+        p_rank = np.arange(len(p_rows), dtype=np.float64)
+
+        n_step, n_pair, n_label = len(common), max(len(pairs), 1), max(len(labels), 1)
+        n_call = int(max(uc["call"][u_rows].max(initial=0), pc["call"][p_rows].max(initial=0))) + 1
+        u_s = np.searchsorted(steps_arr, u_step[u_rows])
+        p_s = np.searchsorted(steps_arr, p_step[p_rows])
+        u_key = _key(u_pair[u_rows], u_s, uc["call"][u_rows], u_label[u_rows], n_step, n_call, n_label, n_pair)
+        p_key = _key(p_pair[p_rows], p_s, pc["call"][p_rows], p_label[p_rows], n_step, n_call, n_label, n_pair)
+
+        order = np.argsort(u_key, kind="stable")
+        sorted_keys = u_key[order]
+        where = np.minimum(np.searchsorted(sorted_keys, p_key), max(len(sorted_keys) - 1, 0))
+        hit = sorted_keys[where] == p_key if len(sorted_keys) else np.zeros(len(p_key), dtype=bool)
+        u_hit_at = order[where[hit]]
+        u_matched = np.zeros(len(u_rows), dtype=bool)
+        u_matched[u_hit_at] = True
+
+        # Only records of module pairs traced on both sides in that step count as missing.
+        u_ps = u_pair[u_rows] * n_step + u_s
+        p_ps = p_pair[p_rows] * n_step + p_s
+        both = _present(u_ps, n_pair * n_step) & _present(p_ps, n_pair * n_step)
+        only_p_mask = ~hit & both[p_ps]
+        only_u_mask = ~u_matched & both[u_ps]
+        one_sided = int(np.sum(_present(u_pair[u_rows], n_pair) ^ _present(p_pair[p_rows], n_pair)))
+
+        # An upstream-only record sits right after the port record matching its predecessor.
+        u_rank = np.full(len(u_rows), -1.0)
+        u_rank[u_hit_at] = p_rank[hit]
+        u_pos = np.maximum.accumulate(u_rank) + 0.5 if len(u_rank) else u_rank
+
+        return cls(
+            pairs=pairs,
+            steps=common,
+            steps_only_upstream=sorted(u_steps - p_steps),
+            steps_only_port=sorted(p_steps - u_steps),
+            u_step=u_step,
+            p_step=p_step,
+            u_pair=u_pair,
+            p_pair=p_pair,
+            labels=list(labels),
+            u_label=u_label,
+            p_label=p_label,
+            mu=u_rows[u_hit_at],
+            mp=p_rows[hit],
+            m_pos=p_rank[hit],
+            only_p=p_rows[only_p_mask],
+            only_p_pos=p_rank[only_p_mask],
+            only_u=u_rows[only_u_mask],
+            only_u_pos=u_pos[only_u_mask],
+            one_sided_modules=int(one_sided),
+        )
+
+
+def _pair_tables(
+    upstream: Trace, port: Trace, alignment: Alignment
+) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+    """Module index -> pair id on each side (last slot for the ``-1`` "unknown" module).
+
+    A module claimed by two pairs keeps the first: the aligner lists stronger
+    evidence first, and a record can only be compared against one counterpart.
+    """
+    u_index = _first_index(upstream.modules.names)
+    p_index = _first_index(port.modules.names)
+    u_of = np.full(len(upstream.modules.names) + 1, -1, dtype=np.int64)
+    p_of = np.full(len(port.modules.names) + 1, -1, dtype=np.int64)
+    pairs: list[tuple[str, str]] = []
+    for pair in alignment.pairs:
+        ui, pi = u_index.get(pair.upstream), p_index.get(pair.port)
+        if ui is None or pi is None or u_of[ui] >= 0 or p_of[pi] >= 0:
+            continue
+        u_of[ui] = p_of[pi] = len(pairs)
+        pairs.append((pair.port, pair.upstream))
+    return pairs, u_of, p_of
+
+
+def _present(values: np.ndarray, size: int) -> np.ndarray:
+    """Boolean table: which of ``0..size-1`` occur in ``values`` (linear time, unlike ``np.unique``)."""
+    table = np.zeros(size, dtype=bool)
+    table[values] = True
+    return table
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a small-range integer array (steps), in linear time."""
+    if not len(values):
+        return values
+    low, high = int(values.min()), int(values.max())
+    if high - low > 1 << 24:
+        return np.unique(values)
+    return np.flatnonzero(np.bincount(values - low)) + low
+
+
+def _first_index(names: list[str]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for i, name in enumerate(names):
+        index.setdefault(name, i)
+    return index
+
+
+def _reconcile_steps(u_step: np.ndarray, p_step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A side recorded without steps (JSONL ``step: null`` -> -1) meets the other's only step.
+
+    FastVideo records ``null`` outside ``trace_step``; tracediff numbers each
+    top-level call. When one side has no step at all and the other exactly one,
+    they describe the same single forward pass.
+    """
+    u_set, p_set = set(_distinct(u_step).tolist()), set(_distinct(p_step).tolist())
+    if u_set == {-1} and len(p_set) == 1:
+        return np.full_like(u_step, p_set.pop()), p_step
+    if p_set == {-1} and len(u_set) == 1:
+        return u_step, np.full_like(p_step, u_set.pop())
+    return u_step, p_step
+
+
+def _label_map(labels: list[str], vocabulary: dict[str, int]) -> np.ndarray:
+    return np.asarray([vocabulary.setdefault(label, len(vocabulary)) for label in labels] or [0], dtype=np.int64)
+
+
+def _key(
+    pair: np.ndarray,
+    step: np.ndarray,
+    call: np.ndarray,
+    label: np.ndarray,
+    n_step: int,
+    n_call: int,
+    n_label: int,
+    n_pair: int,
+) -> np.ndarray:
+    """One int64 per (pair, step, call, label); mixed-radix, so equal keys mean equal tuples."""
+    if n_pair * n_step * n_call * n_label >= 2**62:
+        raise DiffError("too many distinct (module, step, call, tensor) combinations to index")
+    key = pair.astype(np.int64) * n_step + step
+    key = key * n_call + call.astype(np.int64)
+    return key * n_label + label
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Table:
+    """Metrics of every matched record pair, column-wise."""
+
+    upstream: Trace
+    port: Trace
+    match: _Match
+    drift: np.ndarray
+    ratio: np.ndarray
+    check: np.ndarray  # index into _CHECK_NAMES, -1 = unchecked
+    value: np.ndarray
+    limit: np.ndarray
+    failed: np.ndarray
+    elements: np.ndarray  # 0 none, 1 sample, 2 full
+    max_abs_err: np.ndarray
+    rel_l2: np.ndarray
+    cosine: np.ndarray
+    sqnr_db: np.ndarray
+    stat_drift: dict[str, np.ndarray]
+    shape_mismatch: np.ndarray
+    dtype_mismatch: np.ndarray
+    nonfinite: np.ndarray
+    step: np.ndarray
+    order: np.ndarray  # matched indices sorted by (step, pos)
+    index: np.ndarray  # each matched record's position among its step's compared records
+
+    @classmethod
+    def build(cls, upstream: Trace, port: Trace, match: _Match, tol: Tolerance) -> _Table:
+        mu, mp = match.mu, match.mp
+        n = len(mu)
+        pair = match.p_pair[mp]
+        atol, rtol, stat_lim, am_lim = _tolerance_arrays(match.pairs, tol, pair)
+        shape_mm = _shape_mismatch(upstream, port, mu, mp)
+        dtype_mm = _dtype_mismatch(upstream, port, mu, mp)
+        nonfinite = _nonfinite(port, mp) & ~_nonfinite(upstream, mu)
+
+        stat_drift = _stat_drifts(upstream, port, mu, mp, atol)
+        el = _ElementMetrics.compute(upstream, port, mu, mp, atol, rtol, ~shape_mm)
+
+        has_el = el.kind > 0
+        verdict = _Verdict(n)
+        verdict.consider(_ELEMENTS, np.where(has_el, el.ratio, np.nan), el.worst_diff, el.worst_allowed)
+        if "abs_mean" in stat_drift:
+            d = stat_drift["abs_mean"]
+            verdict.consider(_ABS_MEAN_LIMIT, _ratio(d, am_lim), d, am_lim)
+        for j, name in enumerate(STAT_CHECKS):
+            d = stat_drift.get(name)
+            if d is not None:
+                verdict.consider(_FIRST_STAT + j, np.where(has_el, np.nan, _ratio(d, stat_lim)), d, stat_lim)
+        ratio, check = verdict.result()
+        stat_max = np.fmax.reduce(np.vstack(list(stat_drift.values())), axis=0) if stat_drift else np.full(n, np.nan)
+        drift = np.where(has_el, el.rel_l2, stat_max)
+        step = match.p_step[mp]
+        order = np.lexsort((match.m_pos, step))
+        index = np.zeros(n, dtype=np.int64)
+        if n:
+            sorted_steps = step[order]
+            group_start = np.searchsorted(sorted_steps, sorted_steps, side="left")
+            index[order] = np.arange(n) - group_start
+        return cls(
+            upstream=upstream,
+            port=port,
+            match=match,
+            drift=drift,
+            ratio=ratio,
+            check=check,
+            value=verdict.value,
+            limit=verdict.limit,
+            failed=np.nan_to_num(ratio, nan=0.0) > 1.0,
+            elements=el.kind,
+            max_abs_err=el.max_abs,
+            rel_l2=el.rel_l2,
+            cosine=el.cosine,
+            sqnr_db=el.sqnr_db,
+            stat_drift=stat_drift,
+            shape_mismatch=shape_mm,
+            dtype_mismatch=dtype_mm,
+            nonfinite=nonfinite,
+            step=step,
+            order=order,
+            index=index,
+        )
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Matched indices of one step, in port execution order."""
+        return self.order[self.step[self.order] == step]
+
+    def row(self, i: int) -> LayerRow:
+        m = self.match
+        u, p = int(m.mu[i]), int(m.mp[i])
+        port_name, upstream_name = m.pairs[int(m.p_pair[p])]
+        check = int(self.check[i])
+        return LayerRow(
+            index=int(self.index[i]),
+            step=int(self.step[i]),
+            call=int(self.port.records.columns["call"][p]),
+            label=m.labels[int(m.p_label[p])],
+            port=port_name,
+            upstream=upstream_name,
+            drift=float(self.drift[i]),
+            ratio=float(self.ratio[i]),
+            check=_CHECK_NAMES[check] if check >= 0 else "",
+            value=float(self.value[i]),
+            limit=float(self.limit[i]),
+            failed=bool(self.failed[i]),
+            elements=("", "sample", "full")[int(self.elements[i])],
+            max_abs_err=float(self.max_abs_err[i]),
+            rel_l2=float(self.rel_l2[i]),
+            cosine=float(self.cosine[i]),
+            sqnr_db=float(self.sqnr_db[i]),
+            stat_drift={name: float(d[i]) for name, d in self.stat_drift.items() if not math.isnan(d[i])},
+            port_shape=_shape(self.port, p),
+            upstream_shape=_shape(self.upstream, u),
+            port_dtype=self.port.records.dtype_of(p),
+            upstream_dtype=self.upstream.records.dtype_of(u),
+            port_record=p,
+            upstream_record=u,
+        )
+
+
+class _Verdict:
+    """The deciding check per record: the one with the largest ``value / limit``."""
+
+    def __init__(self, n: int) -> None:
+        self.ratio = np.full(n, -1.0)
+        self.check = np.full(n, -1, dtype=np.int64)
+        self.value = np.full(n, np.nan)
+        self.limit = np.full(n, np.nan)
+
+    def consider(self, code: int, ratio: np.ndarray, value: np.ndarray, limit: np.ndarray) -> None:
+        """Take check ``code`` where it applies (ratio not NaN) and beats the current one."""
+        better = ratio > self.ratio  # NaN (check not applicable) compares False
+        self.ratio[better] = ratio[better]
+        self.check[better] = code
+        self.value[better] = value[better]
+        self.limit[better] = limit[better]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ratio, check)``, NaN and -1 where no check applied."""
+        unchecked = self.check < 0
+        self.ratio[unchecked] = np.nan
+        return self.ratio, self.check
+
+
+def _tolerance_arrays(
+    pairs: list[tuple[str, str]], tol: Tolerance, pair: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per matched record: atol, rtol, stat limit, abs-mean limit (NaN = none), overrides resolved per pair."""
+    per_pair = np.zeros((max(len(pairs), 1), 4))
+    for k, (port_name, upstream_name) in enumerate(pairs):
+        t = tol.for_module(port_name, upstream_name)
+        per_pair[k] = (t.atol, t.rtol, t.stat_limit, np.nan if t.abs_mean_limit is None else t.abs_mean_limit)
+    values = per_pair[pair] if len(pair) else np.zeros((0, 4))
+    return values[:, 0], values[:, 1], values[:, 2], values[:, 3]
+
+
+def _ratio(value: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """``value / limit``; a zero limit means "any difference fails", NaN in either stays NaN."""
+    with np.errstate(invalid="ignore"):
+        out = np.where(value > 0, np.inf, np.where(np.isnan(value), np.nan, 0.0))
+    np.divide(value, limit, out=out, where=limit > 0)
+    return np.where(np.isnan(limit), np.nan, out)
+
+
+def _shape_mismatch(upstream: Trace, port: Trace, mu: np.ndarray, mp: np.ndarray) -> np.ndarray:
+    ur, pr = upstream.records, port.records
+    known = (ur.columns["numel"][mu] >= 0) & (pr.columns["numel"][mp] >= 0)
+    differs = (ur.columns["ndim"][mu] != pr.columns["ndim"][mp]) | np.any(ur.shape[mu] != pr.shape[mp], axis=1)
+    return known & differs
+
+
+def _dtype_mismatch(upstream: Trace, port: Trace, mu: np.ndarray, mp: np.ndarray) -> np.ndarray:
+    names: dict[str, int] = {"": 0}
+    u_map = np.asarray([names.setdefault(d, len(names)) for d in upstream.records.dtypes] or [0])
+    p_map = np.asarray([names.setdefault(d, len(names)) for d in port.records.dtypes] or [0])
+    u = u_map[upstream.records.columns["dtype"][mu]] if len(mu) else np.zeros(0, dtype=np.int64)
+    p = p_map[port.records.columns["dtype"][mp]] if len(mp) else np.zeros(0, dtype=np.int64)
+    return (u != 0) & (p != 0) & (u != p)
+
+
+def _nonfinite(trace: Trace, rows: np.ndarray) -> np.ndarray:
+    """Whether each record held NaN/Inf: from the counts when recorded, else from its stats."""
+    cols = trace.records.columns
+    nan, inf = cols["nan_count"][rows], cols["inf_count"][rows]
+    counted = (nan >= 0) & (inf >= 0) & bool(trace.meta.get("has_moments", False))
+    from_counts = (nan > 0) | (inf > 0)
+    from_stats = np.zeros(len(rows), dtype=bool)
+    for name in ("abs_mean", "sum", "l2", "max", "min", "mean", "std"):
+        if name in trace.records.direct:
+            from_stats |= ~np.isfinite(trace.records.direct[name][rows])
+    return np.where(counted, from_counts, from_stats)
+
+
+def _stat_drifts(
+    upstream: Trace, port: Trace, mu: np.ndarray, mp: np.ndarray, atol: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Relative drift ``|a - b| / max(scale(b), floor)`` of every stat both traces hold.
+
+    The scale is the stat's own magnitude, except for ``mean`` and ``sum``, which
+    are measured against the tensor's absolute mass (abs-mean, abs-sum): a
+    zero-mean activation has a sum near zero, and relative drift of that is noise.
+    The floor is ``atol`` per element (``atol * sqrt(numel)`` for L2), so a
+    tensor that is zero at this tolerance does not produce a huge ratio.
+    """
+    out: dict[str, np.ndarray] = {}
+    numel = upstream.records.columns["numel"][mu].astype(np.float64)
+    numel = np.where(numel >= 0, numel, np.nan)
+    b_abs_mean = upstream.stat("abs_mean")[mu] if upstream.has_stat("abs_mean") else np.full(len(mu), np.nan)
+    for name in STAT_CHECKS:
+        if not (upstream.has_stat(name) and port.has_stat(name)):
+            continue
+        if name in _RECORDED_ONLY and not (name in upstream.records.direct and name in port.records.direct):
+            continue
+        a, b = port.stat(name)[mp], upstream.stat(name)[mu]
+        if name == "l2":
+            scale, floor = np.abs(b), atol * np.sqrt(np.nan_to_num(numel, nan=1.0))
+        elif name == "mean":  # |mean| <= abs_mean: measure against the mass, not the (near-zero) mean
+            scale, floor = b_abs_mean, atol
+        elif name == "sum":
+            scale, floor = b_abs_mean * numel, atol * numel
+        else:
+            scale, floor = np.abs(b), atol
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            d = np.abs(a - b) / np.maximum(np.where(np.isfinite(scale), scale, 0.0), floor)
+        agree = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+        one_sided = ~agree & ~(np.isfinite(a) & np.isfinite(b))
+        d = np.where(agree, 0.0, np.where(one_sided, np.inf, d))
+        out[name] = np.where(np.isnan(scale) & ~np.isnan(b), np.nan, d)
+    return out
+
+
+@dataclass(eq=False)
+class _ElementMetrics:
+    kind: np.ndarray  # 0 none, 1 sample, 2 full
+    ratio: np.ndarray
+    worst_diff: np.ndarray
+    worst_allowed: np.ndarray
+    max_abs: np.ndarray
+    rel_l2: np.ndarray
+    cosine: np.ndarray
+    sqnr_db: np.ndarray
+
+    @classmethod
+    def compute(
+        cls,
+        upstream: Trace,
+        port: Trace,
+        mu: np.ndarray,
+        mp: np.ndarray,
+        atol: np.ndarray,
+        rtol: np.ndarray,
+        comparable: np.ndarray,
+    ) -> _ElementMetrics:
+        n = len(mu)
+        out = cls(np.zeros(n, dtype=np.int8), *(np.full(n, np.nan) for _ in range(7)))
+        uc, pc = upstream.records.columns, port.records.columns
+        full = (
+            comparable
+            & (uc["full_kind"][mu] != FULL_NONE)
+            & (pc["full_kind"][mp] != FULL_NONE)
+            & (uc["full_len"][mu] == pc["full_len"][mp])
+            & (pc["full_len"][mp] > 0)
+        )
+        sample = (
+            comparable
+            & ~full
+            & (pc["sample_len"][mp] > 0)
+            & (uc["sample_len"][mu] == pc["sample_len"][mp])
+            & (upstream.samples is not None)
+            & (port.samples is not None)
+        )
+        for mask, kind in ((full, 2), (sample, 1)):
+            idx = np.flatnonzero(mask)
+            if not len(idx):
+                continue
+            a_vals, a_off, lens = _values(port, mp[idx], full=kind == 2)
+            b_vals, b_off, _ = _values(upstream, mu[idx], full=kind == 2)
+            for chunk in _chunks(lens):
+                sel = idx[chunk]
+                res = _segment_metrics(a_vals, a_off[chunk], b_vals, b_off[chunk], lens[chunk], atol[sel], rtol[sel])
+                out.kind[sel] = kind
+                for name, values in res.items():
+                    getattr(out, name)[sel] = values
+        return out
+
+
+def _values(trace: Trace, rows: np.ndarray, *, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A flat float64 array holding the rows' elements, with each row's offset and length."""
+    cols = trace.records.columns
+    if not full:
+        lens = cols["sample_len"][rows].astype(np.int64)
+        return np.asarray(trace.samples, dtype=np.float64), cols["sample_offset"][rows], lens
+    lens = cols["full_len"][rows].astype(np.int64)
+    offsets = np.zeros(len(rows), dtype=np.int64)
+    parts: list[np.ndarray] = []
+    base = 0
+    for kind in (FULL_F32, FULL_F64):
+        sel = np.flatnonzero(cols["full_kind"][rows] == kind)
+        if not len(sel) or kind not in trace.full_values:
+            continue
+        start = cols["full_offset"][rows[sel]]
+        lo, hi = int(start.min()), int((start + lens[sel]).max())
+        parts.append(np.asarray(trace.full_values[kind][lo:hi], dtype=np.float64))
+        offsets[sel] = start - lo + base
+        base += hi - lo
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    return values, offsets, lens
+
+
+def _chunks(lens: np.ndarray) -> list[np.ndarray]:
+    """Split row indices into runs of at most ``_CHUNK_ELEMENTS`` elements (at least one row each)."""
+    if not len(lens):
+        return []
+    bounds = np.cumsum(lens) // _CHUNK_ELEMENTS
+    cuts = np.flatnonzero(np.diff(bounds)) + 1
+    return np.split(np.arange(len(lens)), cuts)
+
+
+def _segment_metrics(
+    a_vals: np.ndarray,
+    a_off: np.ndarray,
+    b_vals: np.ndarray,
+    b_off: np.ndarray,
+    lens: np.ndarray,
+    atol: np.ndarray,
+    rtol: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Element metrics of many records at once: gather all elements, reduce per record."""
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    total = int(lens.sum())
+    within = np.arange(total) - np.repeat(starts, lens)
+    a = a_vals[np.repeat(a_off, lens) + within]
+    b = b_vals[np.repeat(b_off, lens) + within]
+    seg = np.repeat(np.arange(len(lens)), lens)
+    finite = np.isfinite(a) & np.isfinite(b)
+    same = ~finite & ((a == b) | (np.isnan(a) & np.isnan(b)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(finite, np.abs(a - b), np.where(same, 0.0, np.inf))
+        allowed = atol[seg] + rtol[seg] * np.where(np.isfinite(b), np.abs(b), 0.0)
+    el_ratio = _ratio(diff, allowed)
+    ratio = np.maximum.reduceat(el_ratio, starts)
+    first = np.minimum.reduceat(np.where(el_ratio == ratio[seg], np.arange(total), total), starts)
+    af, bf = np.where(finite, a, 0.0), np.where(finite, b, 0.0)
+    d2 = np.add.reduceat((af - bf) ** 2, starts)
+    a2 = np.add.reduceat(af * af, starts)
+    b2 = np.add.reduceat(bf * bf, starts)
+    ab = np.add.reduceat(af * bf, starts)
+    broken = np.add.reduceat((~finite & ~same).astype(np.int64), starts) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel_l2 = np.where(b2 > 0, np.sqrt(d2 / b2), np.where(d2 > 0, np.inf, 0.0))
+        cosine = np.where((a2 > 0) & (b2 > 0), ab / np.sqrt(a2 * b2), np.where((a2 == 0) & (b2 == 0), 1.0, 0.0))
+        sqnr = np.where(d2 > 0, 10.0 * np.log10(b2 / d2), np.inf)
+    return {
+        "ratio": ratio,
+        "worst_diff": diff[first],
+        "worst_allowed": allowed[first],
+        "max_abs": np.maximum.reduceat(diff, starts),
+        "rel_l2": np.where(broken, np.inf, rel_l2),
+        "cosine": np.where(broken, np.nan, np.clip(cosine, -1.0, 1.0)),
+        "sqnr_db": np.where(broken, -np.inf, sqnr),
+    }
+
+
+# -- findings ------------------------------------------------------------------------------
+
+
+def _collect(table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: Trace, port: Trace) -> DiffResult:
+    m = table.match
+    if not len(m.mu):
+        raise DiffError(
+            f"nothing to compare: no record of the {len(m.pairs)} aligned module pair(s) appears on both sides "
+            f"in step(s) {_list(m.steps)} with the same call and tensor label"
+        )
+    unchecked = int(np.isnan(table.ratio).sum())
+    if unchecked == len(table.ratio):
+        raise DiffError(
+            "nothing to compare: the traces share no stat (abs_mean, l2, max, ...) and no sample/full elements; "
+            f"upstream stats: {_list(upstream.config.get('stats', []))}; "
+            f"port stats: {_list(port.config.get('stats', []))}"
+        )
+    code = {kind: i for i, kind in enumerate(KINDS)}
+    matched = np.arange(len(m.mu))
+    sources = [
+        (code["missing_in_port"], m.u_step[m.only_u], m.only_u_pos, np.arange(len(m.only_u))),
+        (code["missing_in_upstream"], m.p_step[m.only_p], m.only_p_pos, np.arange(len(m.only_p))),
+        (code["shape_mismatch"], table.step, m.m_pos, matched[table.shape_mismatch]),
+        (code["dtype_mismatch"], table.step, m.m_pos, matched[table.dtype_mismatch]),
+        (code["nonfinite"], table.step, m.m_pos, matched[table.nonfinite]),
+        (code["drift"], table.step, m.m_pos, matched[table.failed]),
+    ]
+    kinds, steps, pos, refs = [], [], [], []
+    for kind, step_col, pos_col, ref in sources:
+        if kind in (code["missing_in_port"], code["missing_in_upstream"]):
+            step_sel, pos_sel = step_col, pos_col
+        else:
+            step_sel, pos_sel = step_col[ref], pos_col[ref]
+        kinds.append(np.full(len(ref), kind))
+        steps.append(step_sel)
+        pos.append(pos_sel)
+        refs.append(ref)
+    kind_arr, step_arr, pos_arr, ref_arr = (np.concatenate(x) for x in (kinds, steps, pos, refs))
+    order = np.lexsort((kind_arr, pos_arr, step_arr))
+    kind_arr, step_arr, pos_arr, ref_arr = kind_arr[order], step_arr[order], pos_arr[order], ref_arr[order]
+    fatal_codes = np.asarray([code[k] for k in sorted(fail_on)], dtype=np.int64)
+    fatal = np.isin(kind_arr, fatal_codes)
+
+    make = _FindingFactory(table, fail_on)
+    firsts = np.unique(step_arr * len(KINDS) + kind_arr, return_index=True)[1] if len(kind_arr) else np.zeros(0, int)
+    findings = [make(int(kind_arr[i]), int(ref_arr[i]), float(pos_arr[i])) for i in sorted(firsts.tolist())]
+    first_drift = None
+    last_good = None
+    fatal_at = np.flatnonzero(fatal)
+    if len(fatal_at):
+        i = int(fatal_at[0])
+        first_drift = make(int(kind_arr[i]), int(ref_arr[i]), float(pos_arr[i]))
+        last_good = _last_good(table, int(step_arr[i]), float(pos_arr[i]))
+    counts = {kind: int((kind_arr == code[kind]).sum()) for kind in KINDS}
+    curve_step = first_drift.step if first_drift is not None else m.steps[0]
+    return DiffResult(
+        tolerance=tol,
+        first_drift=first_drift,
+        last_good=last_good,
+        findings=findings,
+        counts=counts,
+        steps=list(m.steps),
+        drifting_steps=sorted(set(step_arr[fatal].tolist())),
+        curve_step=curve_step,
+        compared=len(m.mu),
+        aligned_modules=int(np.count_nonzero(_present(m.p_pair[m.mp], max(len(m.pairs), 1)))),
+        unchecked=unchecked,
+        steps_only_upstream=m.steps_only_upstream,
+        steps_only_port=m.steps_only_port,
+        one_sided_modules=m.one_sided_modules,
+        fail_on=fail_on,
+        upstream_path=upstream.path,
+        port_path=port.path,
+        _table=table,
+    )
+
+
+def _last_good(table: _Table, step: int, pos: float) -> LayerRow | None:
+    rows = table.step_rows(step)
+    before = rows[(table.match.m_pos[rows] < pos) & ~table.failed[rows] & ~np.isnan(table.ratio[rows])]
+    return table.row(int(before[-1])) if len(before) else None
+
+
+class _FindingFactory:
+    """Builds the few :class:`Finding` objects a report shows, with their one-line messages."""
+
+    def __init__(self, table: _Table, fail_on: frozenset[str]) -> None:
+        self.table = table
+        self.fail_on = fail_on
+
+    def __call__(self, kind_code: int, ref: int, position: float) -> Finding:
+        kind = KINDS[kind_code]
+        t, m = self.table, self.table.match
+        if kind == "missing_in_port":
+            u = int(m.only_u[ref])
+            port_name, upstream_name = m.pairs[int(m.u_pair[u])]
+            call = int(t.upstream.records.columns["call"][u])
+            label = m.labels[int(m.u_label[u])]
+            return Finding(
+                kind, int(m.u_step[u]), call, label, port_name, upstream_name, kind in self.fail_on,
+                f"upstream {_name(upstream_name)} produced {label} (call {call}) but the port's "
+                f"{_name(port_name)} did not",
+                upstream_record=u,
+                position=position,
+            )
+        if kind == "missing_in_upstream":
+            p = int(m.only_p[ref])
+            port_name, upstream_name = m.pairs[int(m.p_pair[p])]
+            call = int(t.port.records.columns["call"][p])
+            label = m.labels[int(m.p_label[p])]
+            return Finding(
+                kind, int(m.p_step[p]), call, label, port_name, upstream_name, kind in self.fail_on,
+                f"port {_name(port_name)} produced {label} (call {call}) but upstream "
+                f"{_name(upstream_name)} did not",
+                port_record=p,
+                position=position,
+            )
+        row = t.row(ref)
+        return Finding(
+            kind, row.step, row.call, row.label, row.port, row.upstream, kind in self.fail_on,
+            _message(kind, row, t), row=row, port_record=row.port_record, upstream_record=row.upstream_record,
+            position=position,
+        )
+
+
+def _message(kind: str, row: LayerRow, table: _Table) -> str:
+    if kind == "shape_mismatch":
+        return f"shape {_fmt_shape(row.port_shape)} in the port vs {_fmt_shape(row.upstream_shape)} upstream"
+    if kind == "dtype_mismatch":
+        return f"dtype {row.port_dtype} in the port vs {row.upstream_dtype} upstream"
+    if kind == "nonfinite":
+        cols = table.port.records.columns
+        nan, inf = int(cols["nan_count"][row.port_record]), int(cols["inf_count"][row.port_record])
+        counts = f"{nan} NaN, {inf} Inf" if nan >= 0 and inf >= 0 else "non-finite stats"
+        return f"first NaN/Inf: the port's output has {counts}; upstream's is finite"
+    return f"{row.metric} {row.value:.3g} > tol {row.limit:.3g}" + (
+        f" (atol + rtol*|ref| at the worst element; rel. L2 error {row.rel_l2:.3g})" if row.check == "elements" else ""
+    )
+
+
+def _shape(trace: Trace, index: int) -> tuple[int, ...] | None:
+    return None if trace.records.columns["numel"][index] < 0 else trace.records.shape_of(index)
+
+
+def _fmt_shape(shape: tuple[int, ...] | None) -> str:
+    return "?" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _name(name: str) -> str:
+    return repr(name) if name else "<model>"
+
+
+def _list(values: Iterable[object]) -> str:
+    items = [str(v) for v in values]
+    if not items:
+        return "none"
+    return ", ".join(items[:12]) + (f", … ({len(items)} in all)" if len(items) > 12 else "")
+
+
+__all__ = [
+    "DEFAULT_FAIL_ON",
+    "KINDS",
+    "STAT_CHECKS",
+    "DiffResult",
+    "Finding",
+    "FindingKind",
+    "LayerRow",
+    "diff_traces",
+]

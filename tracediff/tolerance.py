@@ -1,0 +1,185 @@
+"""The tolerance model: how much difference between port and upstream is still "the same".
+
+A :class:`Tolerance` has the two knobs of ``torch.testing.assert_close``
+(``atol``, ``rtol``: an element fails when ``|port - ref| > atol + rtol * |ref|``)
+plus two for traces that only hold statistics: ``stat_rtol``, the relative drift
+a stat (abs-mean, L2 norm, max, ...) may show, and ``abs_mean_limit``, a bound on
+the abs-mean drift that applies even when elements are compared (bf16 runs
+tolerate large element errors but not a systematic shift in magnitude).
+
+Presets and per-module overrides are plain data (:data:`PRESETS`,
+:class:`Override`), never ``if`` chains, so a parity test can print exactly
+what it applied. See docs/tolerance.md for how the numbers were chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from tracediff.errors import DiffError
+
+_FIELDS = ("atol", "rtol", "stat_rtol", "abs_mean_limit")
+
+
+def _check_value(name: str, value: float | None, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise DiffError(f"tolerance {name}={value!r} must be a finite number >= 0")
+
+
+def _num(value: float) -> str:
+    return f"{value:.2g}"
+
+
+@dataclass(frozen=True)
+class Override:
+    """Different tolerances for the modules whose name matches ``pattern``.
+
+    Fields left ``None`` keep the base tolerance's value. The pattern is a Python
+    regex applied with ``re.search`` to the port module name and to the upstream
+    module name; either matching is enough, so a rule can be written in whichever
+    naming the user knows.
+    """
+
+    pattern: str
+    atol: float | None = None
+    rtol: float | None = None
+    stat_rtol: float | None = None
+    abs_mean_limit: float | None = None
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "_regex", re.compile(self.pattern))
+        except re.error as exc:
+            raise DiffError(f"tolerance override {self.pattern!r} is not a valid regex ({exc})") from None
+        for name in _FIELDS:
+            _check_value(name, getattr(self, name), allow_none=True)
+
+    def matches(self, *names: str | None) -> bool:
+        return any(name is not None and self._regex.search(name) is not None for name in names)
+
+    def changes(self) -> dict[str, float]:
+        """The fields this override sets."""
+        return {name: getattr(self, name) for name in _FIELDS if getattr(self, name) is not None}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What counts as drift. Truthiness is not used; compare with :meth:`describe`.
+
+    Attributes:
+        atol: absolute tolerance per element (and the "is zero" scale of stats).
+        rtol: relative tolerance per element, relative to the upstream value.
+        stat_rtol: relative drift a stat may show when a record has no elements
+            to compare (stats-only traces, FastVideo JSONL); ``None`` means ``rtol``.
+        abs_mean_limit: relative abs-mean drift that fails a record even when its
+            elements pass; ``None`` disables the check.
+        overrides: per-module exceptions; the first matching override wins.
+        name: preset name, or ``"custom"``.
+    """
+
+    atol: float = 1e-5
+    rtol: float = 1.3e-6
+    stat_rtol: float | None = None
+    abs_mean_limit: float | None = None
+    overrides: tuple[Override, ...] = ()
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for item in _FIELDS:
+            _check_value(item, getattr(self, item), allow_none=item in ("stat_rtol", "abs_mean_limit"))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+
+    @property
+    def stat_limit(self) -> float:
+        """The effective stat drift threshold (``stat_rtol``, else ``rtol``)."""
+        return self.rtol if self.stat_rtol is None else self.stat_rtol
+
+    def for_module(self, port: str | None, upstream: str | None = None) -> Tolerance:
+        """The tolerance that applies to one module pair, overrides resolved.
+
+        Returns:
+            A tolerance without overrides; ``self`` (minus overrides) when none matches.
+        """
+        for override in self.overrides:
+            if override.matches(port, upstream):
+                return replace(self, overrides=(), **override.changes())
+        return replace(self, overrides=()) if self.overrides else self
+
+    def with_overrides(self, overrides: Iterable[Override]) -> Tolerance:
+        """A copy with ``overrides`` tried before the existing ones."""
+        return replace(self, overrides=(*overrides, *self.overrides))
+
+    def describe(self) -> str:
+        """One line for reports: ``preset fp32: atol 1e-05, rtol 1.3e-06, ...``."""
+        parts = [f"atol {_num(self.atol)}", f"rtol {_num(self.rtol)}", f"stat drift {_num(self.stat_limit)}"]
+        if self.abs_mean_limit is not None:
+            parts.append(f"abs-mean drift {_num(self.abs_mean_limit)}")
+        if self.overrides:
+            parts.append(f"{len(self.overrides)} override(s)")
+        prefix = f"preset {self.name}" if self.name != "custom" else "custom tolerance"
+        return f"{prefix}: {', '.join(parts)}"
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {name: getattr(self, name) for name in _FIELDS}
+        out["stat_rtol"] = self.stat_limit
+        out["name"] = self.name
+        out["overrides"] = [{"pattern": o.pattern, **o.changes()} for o in self.overrides]
+        return out
+
+
+#: Named tolerances for the scopes a parity test uses; docs/tolerance.md explains each.
+PRESETS: Mapping[str, Tolerance] = {
+    # torch.testing.assert_close's own float32 defaults: same math, same precision.
+    "fp32": Tolerance(atol=1e-5, rtol=1.3e-6, stat_rtol=1e-5, name="fp32"),
+    "single-block": Tolerance(atol=1e-4, rtol=1e-4, stat_rtol=1e-4, name="single-block"),
+    "encoder": Tolerance(atol=1e-3, rtol=1e-3, stat_rtol=1e-3, name="encoder"),
+    "dit-aligned": Tolerance(atol=1e-2, rtol=1e-2, stat_rtol=1e-2, name="dit-aligned"),
+    "vae-fp32": Tolerance(atol=5e-2, rtol=5e-2, stat_rtol=5e-2, name="vae-fp32"),
+    "dit-bf16": Tolerance(atol=0.1, rtol=0.1, stat_rtol=0.05, abs_mean_limit=0.05, name="dit-bf16"),
+}
+DEFAULT_PRESET = "fp32"
+
+
+def preset(name: str) -> Tolerance:
+    """Look up a preset by name.
+
+    Raises:
+        DiffError: unknown name; the message lists the valid ones.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise DiffError(f"unknown tolerance preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def parse_override(text: str) -> Override:
+    """Parse the CLI form ``REGEX=key:value[,key:value...]``.
+
+    The split is at the *last* ``=``, so a regex may itself contain ``=``
+    (values never do). Keys are ``atol``, ``rtol``, ``stat_rtol``, ``abs_mean_limit``.
+
+    Raises:
+        DiffError: malformed text, unknown key or bad number.
+    """
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern or not spec:
+        raise DiffError(f"--override {text!r}: expected REGEX=key:value[,key:value], e.g. 'blocks\\.3\\.=atol:1e-3'")
+    values: dict[str, float] = {}
+    for item in spec.split(","):
+        key, colon, raw = item.strip().partition(":")
+        if not colon or key not in _FIELDS:
+            raise DiffError(
+                f"--override {text!r}: item {item.strip()!r} is not key:value with key in {', '.join(_FIELDS)}"
+            )
+        try:
+            values[key] = float(raw)
+        except ValueError:
+            raise DiffError(f"--override {text!r}: {key} value {raw!r} is not a number") from None
+    return Override(pattern, **values)
+
