@@ -1,0 +1,666 @@
+"""Align two models: which upstream module computes what which port module computes.
+
+Evidence is used strongest first, and each stage only sees what earlier
+stages left unpaired:
+
+1. ``root``: the two models themselves.
+2. ``map``: an explicit mapping file (exact pairs, regex rules, ignore lists, groups).
+3. ``param_map``: the port's checkpoint-conversion table (FastVideo's ``param_names_mapping``).
+4. ``fingerprint``: modules whose own weights hold the same values; fused
+   projections (``to_qkv`` = ``q`` + ``k`` + ``v``) become groups; identical
+   weights (shared, zero-initialised) are split by order or left unmatched.
+   Parameter-free containers whose children all pair into one module pair too.
+5. ``structure``: what is left and ran is paired by order between anchors and
+   by equal output shapes, with confidence at most 0.6.
+
+Everything works from two trace files alone (the module tables carry the
+weight fingerprints); :func:`align_models` does the same for live models, with
+definition order standing in for execution order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tracediff.align_fingerprint import FingerprintIndex, find_fused
+from tracediff.align_mapfile import (
+    MappingSpec,
+    ResolvedMapping,
+    as_mapping_spec,
+    dump_mapping,
+    load_mapping,
+    parse_mapping,
+    resolve_mapping,
+    write_mapping,
+)
+from tracediff.align_order import OrderedPair, pair_by_order, pair_by_rank
+from tracediff.align_parammap import load_param_map, param_map_links, validate_param_map
+from tracediff.align_side import Side, common_ancestor, is_within, parent_name, side_from_model, side_from_trace
+from tracediff.alignment import SOURCES, Alignment, Group, Pair
+from tracediff.trace import Trace
+
+__all__ = [
+    "MappingSpec",
+    "align",
+    "align_models",
+    "align_sides",
+    "alignment_to_dict",
+    "coverage",
+    "dump_mapping",
+    "load_mapping",
+    "load_param_map",
+    "parse_mapping",
+    "write_mapping",
+]
+
+#: Confidence of each kind of evidence (structure is graded lower inside its stage).
+CONFIDENCE = {
+    "root": 1.0,
+    "map": 1.0,
+    "param_map": 0.95,
+    "fingerprint": 0.9,
+    "fingerprint_converted": 0.85,
+    "fingerprint_tie": 0.7,
+    "container": 0.85,
+}
+ROOT = ""
+
+
+def align(
+    upstream: Trace,
+    port: Trace,
+    *,
+    mapping: MappingSpec | Mapping[str, Any] | str | Path | None = None,
+    param_map: Mapping[str, Any] | str | Path | None = None,
+) -> Alignment:
+    """Align two traces (upstream reference and port) from their files' content alone.
+
+    Args:
+        upstream: the reference side's trace.
+        port: the port's trace.
+        mapping: an explicit mapping (:class:`MappingSpec`, the dict a mapping file
+            holds, or a path to a ``.toml``/``.json`` mapping file).
+        param_map: the port's ``param_names_mapping`` (a dict, or anything
+            :func:`load_param_map` reads).
+
+    Returns:
+        The :class:`~tracediff.alignment.Alignment`.
+
+    Raises:
+        AlignmentError: the mapping or parameter map is invalid or does not fit these models.
+    """
+    return align_sides(
+        side_from_trace(upstream, "upstream"), side_from_trace(port, "port"), mapping=mapping, param_map=param_map
+    )
+
+
+def align_models(
+    upstream: nn.Module,
+    port: nn.Module,
+    *,
+    mapping: MappingSpec | Mapping[str, Any] | str | Path | None = None,
+    param_map: Mapping[str, Any] | str | Path | None = None,
+) -> Alignment:
+    """Align two live models without running them (for the runner and bisection).
+
+    Same sources as :func:`align`; the structure stage uses definition order and
+    ``torch.nn`` layer types instead of execution order and output shapes.
+    """
+    return align_sides(
+        side_from_model(upstream, "upstream"), side_from_model(port, "port"), mapping=mapping, param_map=param_map
+    )
+
+
+def align_sides(
+    upstream: Side,
+    port: Side,
+    *,
+    mapping: MappingSpec | Mapping[str, Any] | str | Path | None = None,
+    param_map: Mapping[str, Any] | str | Path | None = None,
+) -> Alignment:
+    """Run every stage on two prepared sides (see :mod:`tracediff.align_side`)."""
+    spec = as_mapping_spec(mapping) if mapping is not None else None
+    state = _State(upstream, port)
+    if ROOT in upstream.index and ROOT in port.index:
+        state.add_pair(upstream.index[ROOT], port.index[ROOT], "root", CONFIDENCE["root"])
+    if spec is not None:
+        _apply_mapping(state, resolve_mapping(spec, upstream.names, port.names))
+    if param_map is not None:
+        _apply_param_map(state, param_map)
+    if spec is None or spec.infer:
+        _fingerprints(state)
+        _containers(state)
+        _structure(state)
+        _containers(state)
+    return state.result()
+
+
+# -- bookkeeping ------------------------------------------------------------------
+
+
+class _State:
+    """Pairs and groups found so far, and which modules are still free."""
+
+    def __init__(self, upstream: Side, port: Side) -> None:
+        self.up = upstream
+        self.port = port
+        self.pairs: dict[int, Pair] = {}
+        self.port_partner: dict[int, int] = {}
+        self.up_partner: dict[int, int] = {}
+        self.groups: list[tuple[list[int], list[int], Group]] = []
+        self.grouped_up: set[int] = set()
+        self.grouped_port: set[int] = set()
+        self.ignored_up: set[int] = set()
+        self.ignored_port: set[int] = set()
+        self.notes: list[str] = []
+        # Modules whose weights equal some module's on the other side: if still
+        # unpaired after the fingerprint stage they are ambiguous twins, and
+        # pairing them by order and shape would only dress a guess up as evidence.
+        self.weight_twins_up: set[int] = set()
+        self.weight_twins_port: set[int] = set()
+
+    def free_up(self, module: int) -> bool:
+        return module not in self.up_partner and module not in self.grouped_up and module not in self.ignored_up
+
+    def free_port(self, module: int) -> bool:
+        return module not in self.port_partner and module not in self.grouped_port and module not in self.ignored_port
+
+    def add_pair(self, up: int, port: int, source: str, confidence: float, note: str = "") -> None:
+        self.up_partner[up] = port
+        self.port_partner[port] = up
+        self.pairs[up] = Pair(self.up.names[up], self.port.names[port], source, round(confidence, 3), note)
+
+    def add_group(self, ups: list[int], ports: list[int], source: str, note: str) -> None:
+        group = Group(tuple(self.up.names[u] for u in ups), tuple(self.port.names[p] for p in ports), source, note)
+        self.groups.append((ups, ports, group))
+        self.grouped_up.update(u for u in ups if u not in self.up_partner)
+        self.grouped_port.update(p for p in ports if p not in self.port_partner)
+
+    def result(self) -> Alignment:
+        up_key = _order_key(self.up)
+        port_key = _order_key(self.port)
+        pairs = [self.pairs[u] for u in sorted(self.pairs, key=up_key)]
+        groups = [g for ups, _, g in sorted(self.groups, key=lambda item: up_key(min(item[0], key=up_key)))]
+        return Alignment(
+            pairs=pairs,
+            groups=groups,
+            unmatched_upstream=[
+                self.up.names[m] for m in sorted(range(len(self.up.names)), key=up_key) if self.free_up(m)
+            ],
+            unmatched_port=[
+                self.port.names[m] for m in sorted(range(len(self.port.names)), key=port_key) if self.free_port(m)
+            ],
+            notes=list(self.notes),
+        )
+
+
+def _order_key(side: Side) -> Any:
+    """Execution order first (where known), then definition order."""
+    return lambda module: (side.exec_order.get(module, len(side.names) + module), module)
+
+
+# -- explicit sources ---------------------------------------------------------------
+
+
+def _apply_mapping(state: _State, resolved: ResolvedMapping) -> None:
+    up, port = state.up, state.port
+    state.ignored_up = {up.index[name] for name in resolved.ignored_upstream}
+    state.ignored_port = {port.index[name] for name in resolved.ignored_port}
+    for upstream, port_name, how in resolved.pairs:
+        note = "" if how == "pair" else f"rule {how}"
+        state.add_pair(up.index[upstream], port.index[port_name], "map", CONFIDENCE["map"], note)
+    for group in resolved.groups:
+        state.add_group([up.index[n] for n in group.upstream], [port.index[n] for n in group.port], "map", group.note)
+
+
+def _apply_param_map(state: _State, param_map: Mapping[str, Any] | str | Path) -> None:
+    if isinstance(param_map, Mapping):
+        origin, table = "param map", validate_param_map(param_map, origin="param map")
+    else:
+        origin, table = str(param_map), load_param_map(param_map)
+    up, port = state.up, state.port
+    links = param_map_links(table, up, port, origin=origin)
+    state.notes += links.notes
+    for up_name, port_name in links.pairs:
+        u, p = up.index[up_name], port.index[port_name]
+        if state.up_partner.get(u) == p:
+            continue
+        if state.free_up(u) and state.free_port(p):
+            state.add_pair(u, p, "param_map", CONFIDENCE["param_map"])
+        elif state.free_up(u) and port_name == ROOT:
+            state.add_group([u], [p], "param_map", f"{up_name}'s parameters live in the port's top-level module")
+        elif state.free_port(p) and up_name == ROOT:
+            state.add_group([u], [p], "param_map", f"the upstream top-level module's parameters live in {port_name}")
+        else:
+            state.notes.append(
+                f"{origin}: links {up_name!r} with {port_name!r}, but the mapping file decides otherwise"
+            )
+    for group in links.groups:
+        ups = [up.index[n] for n in group.upstream]
+        ports = [port.index[n] for n in group.port]
+        if all(state.free_up(u) for u in ups) and all(state.free_port(p) for p in ports):
+            state.add_group(ups, ports, "param_map", group.note)
+        else:
+            state.notes.append(f"{origin}: group {group.upstream} -> {group.port} overlaps the mapping file; skipped")
+
+
+# -- weights ----------------------------------------------------------------------
+
+
+def _fingerprints(state: _State) -> None:
+    up, port = state.up, state.port
+    index = FingerprintIndex(up, port, skip_upstream=state.ignored_up, skip_port=state.ignored_port)
+    state.weight_twins_up = set(index.candidates)
+    state.weight_twins_port = set(index.reverse)
+    for u, candidates in sorted(index.candidates.items()):
+        free = [p for p in candidates if state.free_port(p)]
+        if not state.free_up(u) or len(free) != 1:
+            continue
+        p = free[0]
+        if [v for v in index.reverse[p] if state.free_up(v)] != [u]:
+            continue
+        how = candidates[p]
+        key = "fingerprint" if how.exact else "fingerprint_converted"
+        state.add_pair(u, p, "fingerprint", CONFIDENCE[key], how.detail)
+    _fused(state, index)
+    _containers(state)
+    _ties(state, index)
+    _weights_in_root(state, index)
+
+
+def _fused(state: _State, index: FingerprintIndex) -> None:
+    """Groups for fused modules, either way round (port ``to_qkv`` or upstream ``qkv``)."""
+    up, port = state.up, state.port
+
+    def unexplained_up(u: int) -> bool:
+        return (
+            state.free_up(u)
+            and bool(up.identity[u])
+            and not any(state.free_port(p) for p in index.candidates.get(u, {}))
+        )
+
+    def unexplained_port(p: int) -> bool:
+        return (
+            state.free_port(p)
+            and bool(port.identity[p])
+            and not any(state.free_up(u) for u in index.reverse.get(p, {}))
+        )
+
+    for fused_side, parts_side, fused_free, parts_free, upstream_is_fused in (
+        (port, up, unexplained_port, unexplained_up, False),
+        (up, port, unexplained_up, unexplained_port, True),
+    ):
+        for fused in range(len(fused_side.names)):
+            if not fused_free(fused):
+                continue
+            available = {m for m in range(len(parts_side.names)) if parts_free(m)}
+            parts = find_fused(fused_side, fused, parts_side, available, _positions(parts_side))
+            if parts is None:
+                continue
+            names = ", ".join(parts_side.names[m] for m in parts)
+            note = f"{fused_side.names[fused]} = cat({names}) along dim 0"
+            if upstream_is_fused:
+                state.add_group([fused], parts, "fingerprint", note)
+            else:
+                state.add_group(parts, [fused], "fingerprint", note)
+
+
+def _ties(state: _State, index: FingerprintIndex) -> None:
+    """Modules with identical weights (shared, zero- or one-initialised): split by order or left alone."""
+    up, port = state.up, state.port
+    graph: dict[tuple[str, int], set[tuple[str, int]]] = defaultdict(set)
+    for u, candidates in index.candidates.items():
+        if not state.free_up(u):
+            continue
+        for p in candidates:
+            if state.free_port(p):
+                graph[("u", u)].add(("p", p))
+                graph[("p", p)].add(("u", u))
+    component: dict[tuple[str, int], int] = {}
+    for start in graph:
+        if start in component:
+            continue
+        stack, component[start] = [start], len(component)
+        label = component[start]
+        while stack:
+            for nxt in graph[stack.pop()]:
+                if nxt not in component:
+                    component[nxt] = label
+                    stack.append(nxt)
+    members: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for node, label in component.items():
+        members[label].append(node)
+    by_exec: list[tuple[str, int]] = []
+    by_definition: list[tuple[str, int]] = []
+    for nodes in members.values():
+        ran = all((up if s == "u" else port).ran(i) for s, i in nodes)
+        (by_exec if ran else by_definition).extend(nodes)
+    for nodes, use_exec in ((by_exec, True), (by_definition, False)):
+        ups = {i: _position(up, i, use_exec) for s, i in nodes if s == "u"}
+        ports = {i: _position(port, i, use_exec) for s, i in nodes if s == "p"}
+        if not ups or not ports:
+            continue
+        # Definition order is only trusted inside one aligned parent: a port may
+        # declare attn2 before attn1, so anchors across the model would cross.
+        if use_exec:
+            found = pair_by_order(
+                ups, ports, _anchors(state, use_exec), lambda u: component[("u", u)], lambda p: component[("p", p)]
+            )
+        else:
+            found = pair_by_rank(
+                ups,
+                ports,
+                lambda u: (component[("u", u)], _scope(state, u, upstream=True)),
+                lambda p: (component[("p", p)], _scope(state, p, upstream=False)),
+            )
+        for item in found:
+            size = len([n for n in members[component[("u", item.upstream)]] if n[0] == "u"])
+            if use_exec:
+                note = f"{size} upstream modules hold these weights; chosen by execution order between aligned modules"
+                confidence = CONFIDENCE["fingerprint_tie"]
+            else:
+                note = f"{size} upstream modules hold these weights; chosen by definition order within aligned parents"
+                confidence = CONFIDENCE["fingerprint_tie"] - 0.1
+            state.add_pair(item.upstream, item.port, "fingerprint", confidence, note)
+
+
+def _scope(state: _State, module: int, *, upstream: bool) -> int | None:
+    """The nearest aligned ancestor of a module, named by its upstream index on both sides."""
+    side = state.up if upstream else state.port
+    name = side.names[module]
+    while name != ROOT:
+        name = parent_name(name)
+        ancestor = side.index.get(name)
+        if ancestor is None:
+            continue
+        if upstream and ancestor in state.up_partner:
+            return ancestor
+        if not upstream and ancestor in state.port_partner:
+            return state.port_partner[ancestor]
+    return None
+
+
+def _weights_in_root(state: _State, index: FingerprintIndex) -> None:
+    """A module whose only weight match is the other side's top-level module becomes a group with it.
+
+    Upstream keeps a head's modulation table in ``head``; a port may keep it
+    in the model itself. The root is paired with the root, so this is reported
+    as a group rather than lost.
+    """
+    up, port = state.up, state.port
+    root_up, root_port = up.index.get(ROOT), port.index.get(ROOT)
+    if root_up is None or root_port is None:
+        return
+    for u, candidates in index.candidates.items():
+        if state.free_up(u) and list(candidates) == [root_port]:
+            state.add_group(
+                [u], [root_port], "fingerprint", f"{up.names[u]}'s weights live in the port's top-level module"
+            )
+    for p, candidates in index.reverse.items():
+        if state.free_port(p) and list(candidates) == [root_up]:
+            state.add_group(
+                [root_up], [p], "fingerprint", f"the upstream top-level module's weights live in {port.names[p]}"
+            )
+
+
+# -- containers -------------------------------------------------------------------
+
+
+def _containers(state: _State) -> None:
+    """Pair parameter-free containers whose paired descendants all land inside one module.
+
+    ``self_attn`` pairs with ``attn1`` when every module under ``self_attn``
+    pairs (or groups) with modules under ``attn1`` and vice versa. When all
+    descendants land on one module that is itself paired (a wrapper around a
+    single layer), its parent is the candidate.
+    """
+    up, port = state.up, state.port
+    changed = True
+    while changed:  # one sweep per round, deepest first; a new pair can only help its ancestors
+        changed = False
+        images_up, images_port = _images(state)
+        for u in sorted(range(len(up.names)), key=lambda m: -up.names[m].count(".")):
+            if u == up.index.get(ROOT) or not state.free_up(u) or up.identity[u]:
+                continue
+            p = _container_candidate(up.names[u], up, port, images_up, state.free_port)
+            if p is None or port.identity[p]:
+                continue
+            if _container_candidate(port.names[p], port, up, images_port, state.free_up) != u:
+                continue
+            relations = images_up.get(up.names[u], [])
+            source = max((r[1] for r in relations), key=SOURCES.index)
+            confidence = min([CONFIDENCE["container"], *(r[2] for r in relations)])
+            state.add_pair(u, p, source, confidence, "paired through the modules inside it")
+            changed = True
+
+
+def _images(state: _State) -> tuple[dict[str, list[tuple[int, str, float]]], dict[str, list[tuple[int, str, float]]]]:
+    """For every module, the other side's partners of the modules below it: ``(module, source, confidence)``."""
+    up, port = state.up, state.port
+    below_up: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
+    below_port: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
+    for ups, ports, source, confidence in _relations(state):
+        if up.index.get(ROOT) in ups or port.index.get(ROOT) in ports:
+            continue
+        for u in ups:
+            for ancestor in _ancestors(up.names[u]):
+                below_up[ancestor] += [(p, source, confidence) for p in ports]
+        for p in ports:
+            for ancestor in _ancestors(port.names[p]):
+                below_port[ancestor] += [(u, source, confidence) for u in ups]
+    return below_up, below_port
+
+
+def _relations(state: _State) -> list[tuple[list[int], list[int], str, float]]:
+    out = [([u], [state.up_partner[u]], pair.source, pair.confidence) for u, pair in state.pairs.items()]
+    out += [(ups, ports, group.source, CONFIDENCE["container"]) for ups, ports, group in state.groups]
+    return out
+
+
+def _container_candidate(
+    name: str, side: Side, other: Side, images: dict[str, list[tuple[int, str, float]]], is_free: Any
+) -> int | None:
+    found = images.get(name)
+    if not found:
+        return None
+    targets = sorted({other.names[m] for m, _, _ in found})
+    candidate = common_ancestor(targets, other.index)
+    if not is_free(other.index[candidate]):
+        if candidate == ROOT:
+            return None
+        candidate = parent_name(candidate)
+        if candidate not in other.index or not is_free(other.index[candidate]):
+            return None
+    return other.index[candidate]
+
+
+def _ancestors(name: str) -> list[str]:
+    out = []
+    while name:
+        name = parent_name(name)
+        out.append(name)
+    return out[:-1] if out and out[-1] == ROOT else out
+
+
+# -- structure --------------------------------------------------------------------
+
+
+def _structure(state: _State) -> None:
+    """Pair what is left by order and equal outputs (traces) or layer types (models).
+
+    With traces: first across the whole model between anchors; then, for what
+    is still left, among the direct children of each aligned pair of modules,
+    between the aligned modules inside those two (anchors that the whole-model
+    pass had to drop because they cross elsewhere count again). Without traces
+    (live models), only look-alikes under the same aligned parent are matched,
+    by rank in definition order.
+    """
+    up, port = state.up, state.port
+    use_exec = bool(up.exec_order) and bool(port.exec_order)
+    what = "execution order and output shapes" if use_exec else "definition order and layer type"
+
+    def eligible(side: Side, module: int, is_free: Any) -> bool:
+        twins = state.weight_twins_up if side is up else state.weight_twins_port
+        return (
+            side.names[module] != ROOT
+            and is_free(module)
+            and module not in twins
+            and (side.ran(module) or not use_exec)
+        )
+
+    def key(side: Side) -> Any:
+        def of(module: int) -> Any:
+            shape = side.signature.get(module) if use_exec else side.kinds[module]
+            if use_exec and not shape:
+                return None
+            if not side.owns_params(module):
+                return (shape, ())
+            return (shape, tuple(sorted(_numel(side, row) for row in side.identity[module])))
+
+        return of
+
+    def accept(found: list[OrderedPair], where: str, penalty: float) -> int:
+        for item in found:
+            u, p = item.upstream, item.port
+            if up.owns_params(u):
+                state.add_pair(u, p, "structure", 0.4 - penalty, f"by {what}{where}; their weights differ")
+                continue
+            confidence = (0.6 if item.class_size == 1 else 0.5) - penalty
+            if up.short_class(u) != port.short_class(p):
+                confidence -= 0.1
+            state.add_pair(u, p, "structure", confidence, f"by {what}{where}")
+        return len(found)
+
+    ups = {m: _position(up, m, use_exec) for m in range(len(up.names)) if eligible(up, m, state.free_up)}
+    ports = {m: _position(port, m, use_exec) for m in range(len(port.names)) if eligible(port, m, state.free_port)}
+    if not use_exec:
+        # Definition order says little across the model (declaration order is a
+        # style choice), so only look-alikes under one aligned parent are matched.
+        found = pair_by_rank(
+            ups,
+            ports,
+            lambda u: (key(up)(u), _scope(state, u, upstream=True)),
+            lambda p: (key(port)(p), _scope(state, p, upstream=False)),
+        )
+        accept(found, " within aligned parents", 0.1)
+        return
+    accept(pair_by_order(ups, ports, _anchors(state, use_exec), key(up), key(port)), "", 0.0)
+
+    children_up, children_port = _children(up), _children(port)
+    changed = True
+    while changed:
+        changed = False
+        for u, p in sorted(state.up_partner.items()):
+            kids_up = {m: _position(up, m, use_exec) for m in children_up[u] if eligible(up, m, state.free_up)}
+            kids_port = {
+                m: _position(port, m, use_exec) for m in children_port[p] if eligible(port, m, state.free_port)
+            }
+            if not kids_up or not kids_port:
+                continue
+            anchors = _anchors(state, use_exec, within=(up.names[u], port.names[p]))
+            found = pair_by_order(kids_up, kids_port, anchors, key(up), key(port))
+            changed |= accept(found, " among aligned siblings", 0.0) > 0
+
+
+def _children(side: Side) -> list[list[int]]:
+    children: list[list[int]] = [[] for _ in side.names]
+    for module, name in enumerate(side.names):
+        if name != ROOT and parent_name(name) in side.index:
+            children[side.index[parent_name(name)]].append(module)
+    return children
+
+
+def _anchors(state: _State, use_exec: bool, *, within: tuple[str, str] | None = None) -> list[tuple[float, float]]:
+    """Positions of paired modules (and of each group's first members) in the chosen order.
+
+    Args:
+        within: ``(upstream module, port module)``: only anchors inside these two subtrees.
+    """
+    up, port = state.up, state.port
+
+    def inside(ups: list[int], ports: list[int]) -> bool:
+        if within is None:
+            return True
+        return all(is_within(up.names[u], within[0]) for u in ups) and all(
+            is_within(port.names[p], within[1]) for p in ports
+        )
+
+    points = []
+    for u, p in state.up_partner.items():
+        if (use_exec and not (up.ran(u) and port.ran(p))) or not inside([u], [p]):
+            continue
+        points.append((_position(up, u, use_exec), _position(port, p, use_exec)))
+    for ups, ports, _ in state.groups:
+        if up.index.get(ROOT) in ups or port.index.get(ROOT) in ports or not inside(ups, ports):
+            continue
+        if use_exec and not (all(up.ran(u) for u in ups) and all(port.ran(p) for p in ports)):
+            continue
+        points.append((min(_position(up, u, use_exec) for u in ups), min(_position(port, p, use_exec) for p in ports)))
+    return points
+
+
+def _position(side: Side, module: int, use_exec: bool) -> float:
+    return float(side.exec_order[module]) if use_exec else float(module)
+
+
+def _positions(side: Side) -> dict[int, float]:
+    return {m: float(side.exec_order.get(m, len(side.names) + m)) for m in range(len(side.names))}
+
+
+def _numel(side: Side, row: int) -> int:
+    size = 1
+    for dim in side.table.params[row].shape:
+        size *= dim
+    return size
+
+
+# -- reporting helpers ------------------------------------------------------------
+
+
+def coverage(alignment: Alignment, upstream: Trace | Side, port: Trace | Side) -> dict[str, dict[str, int]]:
+    """Aligned / total modules on each side, overall and among modules that own parameters.
+
+    A module counts as aligned when it is in a pair or a group; modules an
+    ``[ignore]`` list left out are counted separately and not in the totals.
+    """
+    out = {}
+    for label, side, mine in (
+        ("upstream", upstream, lambda a: [p.upstream for p in a.pairs] + [n for g in a.groups for n in g.upstream]),
+        ("port", port, lambda a: [p.port for p in a.pairs] + [n for g in a.groups for n in g.port]),
+    ):
+        view = side if isinstance(side, Side) else side_from_trace(side, label)
+        aligned = set(mine(alignment))
+        unmatched = set(alignment.unmatched_upstream if label == "upstream" else alignment.unmatched_port)
+        counted = aligned | unmatched
+        owners = {view.names[m] for m in range(len(view.names)) if view.owns_params(m)}
+        out[label] = {
+            "aligned": len(aligned),
+            "total": len(counted),
+            "ignored": len(view.names) - len(counted),
+            "params_aligned": len(owners & aligned),
+            "params_total": len(owners & counted),
+        }
+    return out
+
+
+def alignment_to_dict(alignment: Alignment, coverage_figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plain data for ``--json`` and reports."""
+    return {
+        "pairs": [
+            {"upstream": p.upstream, "port": p.port, "source": p.source, "confidence": p.confidence, "note": p.note}
+            for p in alignment.pairs
+        ],
+        "groups": [
+            {"upstream": list(g.upstream), "port": list(g.port), "source": g.source, "note": g.note}
+            for g in alignment.groups
+        ],
+        "unmatched_upstream": list(alignment.unmatched_upstream),
+        "unmatched_port": list(alignment.unmatched_port),
+        "coverage": coverage_figures or {},
+        "notes": list(alignment.notes),
+    }

@@ -1,0 +1,147 @@
+"""One side of an alignment as the aligner sees it: names, tree, weights, order.
+
+The aligner works the same whether it gets two trace files or two live models;
+this module turns either into a :class:`Side` so the matching code never asks
+where the facts came from. A trace contributes execution order and output
+shapes (from its records); a live model contributes only definition order and
+its classes' ``torch.nn`` base types, which is all it has without a forward.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from tracediff.hooks.fingerprint import build_module_table
+from tracediff.trace import ModuleTable, Trace
+
+
+@dataclass
+class Side:
+    """Everything the aligner needs to know about one model, by module index.
+
+    Attributes:
+        label: ``"upstream"`` or ``"port"``, for messages.
+        table: the module table (names in ``named_modules()`` order, fingerprints).
+        index: module name -> index into ``table.names``.
+        kinds: per module, what "same kind of layer" compares: the short class name
+            for traces, the nearest ``torch.nn`` base class for live models (so a
+            ``WanLayerNorm`` and an ``FP32LayerNorm`` are both ``LayerNorm``).
+        identity: per module, rows of ``table.params`` whose values identify it:
+            its own parameters, or its own buffers when it has no parameters.
+        exec_order: module index -> position of its first record in the first
+            traced step (completion order); empty for live models.
+        signature: module index -> output shapes of its first call; empty for live models.
+        descendants: module name -> names strictly below it in the module tree.
+    """
+
+    label: str
+    table: ModuleTable
+    index: dict[str, int]
+    kinds: list[str]
+    identity: list[list[int]]
+    exec_order: dict[int, int] = field(default_factory=dict)
+    signature: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    descendants: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return self.table.names
+
+    def owns_params(self, module: int) -> bool:
+        """Whether the module owns at least one parameter (buffers do not count)."""
+        return any(self.table.params[row].kind == "parameter" for row in self.identity[module])
+
+    def ran(self, module: int) -> bool:
+        return module in self.exec_order
+
+    def short_class(self, module: int) -> str:
+        return self.table.classes[module].rsplit(".", 1)[-1]
+
+    def param_shapes(self, module: int) -> tuple[tuple[int, ...], ...]:
+        return tuple(sorted(self.table.params[row].shape for row in self.identity[module]))
+
+
+def side_from_trace(trace: Trace, label: str) -> Side:
+    """Build a :class:`Side` from a trace: fingerprints plus first-step execution order."""
+    table = trace.modules
+    side = _base_side(table, label, kinds=[c.rsplit(".", 1)[-1] for c in table.classes])
+    records = trace.records
+    if len(records) == 0:
+        return side
+    cols = records.columns
+    first_step = cols["step"].min()
+    rows = np.flatnonzero(cols["step"] == first_step)
+    modules = cols["module"][rows]
+    _, first = np.unique(modules, return_index=True)
+    for rank, position in enumerate(sorted(first.tolist())):
+        module = int(modules[position])
+        if 0 <= module < len(table.names):
+            side.exec_order[module] = rank
+    shapes: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+    for row in rows[cols["call"][rows] == 0].tolist():
+        module = int(cols["module"][row])
+        if 0 <= module < len(table.names) and not records.label_of(row).startswith("input"):
+            shapes[module].append(records.shape_of(row))
+    side.signature = {module: tuple(found) for module, found in shapes.items()}
+    return side
+
+
+def side_from_model(model: nn.Module, label: str) -> Side:
+    """Build a :class:`Side` from a live model (no forward pass: definition order only)."""
+    table = build_module_table(model)
+    modules = dict(model.named_modules())
+    kinds = [_torch_base(type(modules[name])) for name in table.names]
+    return _base_side(table, label, kinds=kinds)
+
+
+def parent_name(name: str) -> str:
+    """Dotted parent of a module name (``""`` for top-level modules)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def is_within(name: str, ancestor: str) -> bool:
+    """``name`` is ``ancestor`` or below it."""
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
+
+
+def common_ancestor(names: list[str], known: dict[str, int]) -> str:
+    """Deepest module (present in ``known``) containing every name in ``names``."""
+    parts = [name.split(".") if name else [] for name in names]
+    prefix: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    while prefix and ".".join(prefix) not in known:
+        prefix.pop()
+    return ".".join(prefix)
+
+
+def _base_side(table: ModuleTable, label: str, *, kinds: list[str]) -> Side:
+    index = {name: i for i, name in enumerate(table.names)}
+    parameters: list[list[int]] = [[] for _ in table.names]
+    buffers: list[list[int]] = [[] for _ in table.names]
+    for row, entry in enumerate(table.params):
+        if 0 <= entry.module_index < len(table.names):
+            (parameters if entry.kind == "parameter" else buffers)[entry.module_index].append(row)
+    identity = [own or fallback for own, fallback in zip(parameters, buffers, strict=True)]
+    descendants: dict[str, list[str]] = {name: [] for name in table.names}
+    for name in table.names:
+        ancestor = name
+        while ancestor:
+            ancestor = parent_name(ancestor)
+            if ancestor in descendants:
+                descendants[ancestor].append(name)
+    return Side(label=label, table=table, index=index, kinds=kinds, identity=identity, descendants=descendants)
+
+
+def _torch_base(cls: type) -> str:
+    """Name of the first ``torch.nn`` class in ``cls``'s MRO (``Module`` at worst)."""
+    for base in cls.__mro__:
+        if base.__module__.startswith("torch.nn."):
+            return base.__name__
+    return cls.__name__
