@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from tracediff.errors import TracediffError
 
 #: Subcommand modules under ``tracediff.commands``, in ``--help`` order.
-COMMANDS = ("show",)
+COMMANDS = ("run", "first_drift", "align", "show")
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2
 

@@ -45,6 +45,11 @@ class TraceHandle:
         self.side = side
 
     @property
+    def recorder(self) -> Recorder | None:
+        """The recorder behind the handle (None when tracing is off)."""
+        return self._recorder
+
+    @property
     def enabled(self) -> bool:
         return self._recorder is not None
 

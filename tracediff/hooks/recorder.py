@@ -62,6 +62,7 @@ class Recorder:
         self._depth = 0
         self._auto_next = 0
         self._step: int | None = None
+        self._call_start = (0, 0)
         self._stopped = False
         self._closed = False
         self._want_sample = "sample" in config.stats
@@ -91,7 +92,7 @@ class Recorder:
         return len(self._handles)
 
     # -- step tracking -------------------------------------------------------
-    def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+    def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: Any, *, record_inputs: bool = True) -> None:
         with self._lock:
             if self._depth == 0 and step_state.current_step() is None:
                 self._begin_step(self._auto_next)
@@ -99,7 +100,25 @@ class Recorder:
             elif step_state.current_step() is not None and step_state.current_step() != self._step:
                 self._begin_step(step_state.current_step())
             self._depth += 1
-        self._guarded(ROOT_INDEX, self._record_inputs, args, kwargs)
+            self._call_start = (len(self._pending), self._seq)
+        if record_inputs:
+            self._guarded(ROOT_INDEX, self._record_inputs, args, kwargs)
+
+    def record_late_inputs(self, args: Any, kwargs: Any) -> None:
+        """Record a top-level call's inputs after the fact, placed before that call's other records.
+
+        For callers that could only start the step once the call was under way
+        (the script tracer attaches to a model during its first call).
+        """
+        with self._lock:
+            position, seq = self._call_start
+            before = len(self._pending)
+            self._guarded(ROOT_INDEX, self._record_inputs, args, kwargs)
+            late = self._pending[before:]
+            del self._pending[before:]
+            self._pending[position:position] = late
+            for offset, item in enumerate(self._pending[position:]):
+                item.seq = seq + offset
 
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._guarded(ROOT_INDEX, self._record_output, ROOT_INDEX, output)

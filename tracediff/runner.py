@@ -1,0 +1,269 @@
+"""Build both sides from a run spec, feed them identical inputs, record both traces.
+
+Sides run one after the other and each model is released before the next is
+built, so a run never holds two huge models at once; ``isolate_sides`` goes
+further and runs each side in its own Python process (conflicting imports or
+globals between the upstream and the port codebases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tracediff.config import TraceConfig
+from tracediff.errors import SpecError, TracediffError
+from tracediff.factory import call_with_supported, resolve
+from tracediff.hooks import attach, trace_step
+from tracediff.spec import SIDES, RunSpec, SideSpec
+from tracediff.weights import find_safetensors, load_into, load_state_dict, resolve_hf
+
+TRACE_FILES = {"upstream": "upstream.h5", "port": "port.h5"}
+#: Called as ``progress(side, step, steps)`` before each step and ``(side, steps, steps)`` at the end.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SideResult:
+    """What tracing one side produced."""
+
+    side: str
+    trace: Path
+    seconds: float
+    records: int
+    failures: dict[str, str]
+
+
+def trace_side(spec: RunSpec, side: str, out_dir: Path, *, progress: ProgressFn | None = None) -> SideResult:
+    """Build one side, run it for ``spec.steps`` steps under the recorder, close the trace."""
+    side_spec = spec.side(side)
+    device, dtype = _placement(spec, side_spec)
+    model = build_model(spec, side_spec, device=device, dtype=dtype)
+    call = _caller(spec, side_spec)
+    config = TraceConfig(
+        layers=spec.layers or None,
+        stats=spec.stats,
+        steps=spec.trace_steps,
+        sample_size=spec.sample_size,
+        layers_source="[trace] layers",
+    )
+    inputs = (clone_inputs(make_inputs(spec, step), device=device, dtype=dtype) for step in range(spec.steps))
+    result = trace_model(model, side=side, steps=inputs, count=spec.steps, output=out_dir / TRACE_FILES[side],
+                         config=config, call=call, progress=progress)
+    del model
+    return result
+
+
+def trace_model(
+    model: nn.Module,
+    *,
+    side: str,
+    steps: Iterable[Any],
+    output: Path,
+    config: TraceConfig,
+    call: Callable[[nn.Module, Any], Any] | None = None,
+    count: int | None = None,
+    progress: ProgressFn | None = None,
+) -> SideResult:
+    """Run an in-memory model once per item of ``steps`` (its inputs), recording each as a step.
+
+    The API behind ``run`` and the pytest plugin: the caller owns the model and
+    the inputs; each side should get its own copy of the inputs.
+    """
+    call = call or (lambda m, inputs: default_call(m, inputs))
+    start = time.perf_counter()
+    total = count if count is not None else 0
+    with attach(model, side=side, config=config, output=output) as handle, torch.no_grad():
+        for step, inputs in enumerate(steps):
+            if progress:
+                progress(side, step, total)
+            with trace_step(step):
+                _invoke(call, model, inputs, side=side, step=step)
+            total = max(total, step + 1)
+    if progress:
+        progress(side, total, total)
+    return SideResult(side, output, time.perf_counter() - start, handle.records_written, handle.failures)
+
+
+def trace_both(
+    spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, progress: ProgressFn | None = None
+) -> dict[str, SideResult]:
+    """Trace upstream, then port; in this process or in one subprocess per side."""
+    results: dict[str, SideResult] = {}
+    for side in SIDES:
+        if isolate_sides:
+            results[side] = _trace_in_subprocess(spec, side, out_dir, progress)
+        else:
+            results[side] = trace_side(spec, side, out_dir, progress=progress)
+    return results
+
+
+# -- building --------------------------------------------------------------------
+def build_model(spec: RunSpec, side: SideSpec, *, device: str, dtype: torch.dtype | None) -> nn.Module:
+    """Call the side's factory (seeded), load its weights, move it, set eval mode."""
+    field = f"[{side.name}] factory"
+    factory = resolve(side.factory or "", field=field, base=spec.base_dir)
+    torch.manual_seed(spec.seed)
+    offered = {"seed": spec.seed, "device": device, "dtype": dtype, **side.kwargs}
+    model = call_with_supported(factory, offered, field=field)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{field}={side.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if side.weights or side.hf:
+        _load_weights(spec, side, model)
+    try:
+        model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise SpecError(f"[{side.name}] device={device!r}: cannot move the model there ({exc})") from None
+    return model.eval()
+
+
+def _load_weights(spec: RunSpec, side: SideSpec, model: nn.Module) -> None:
+    if side.hf:
+        field = f"[{side.name}] hf"
+        files = find_safetensors(resolve_hf(side.hf, side.revision, field=field), field=field)
+    else:
+        field = f"[{side.name}] weights"
+        files = find_safetensors(side.weights or "", field=field, base=spec.base_dir)
+    state = load_state_dict(files)
+    if side.convert:
+        convert = resolve(side.convert, field=f"[{side.name}] convert", base=spec.base_dir)
+        try:
+            state = convert(state)
+        except TracediffError:
+            raise
+        except Exception as exc:
+            raise SpecError(f"[{side.name}] convert={side.convert!r} raised {type(exc).__name__}: {exc}") from exc
+    load_into(model, state, strict=side.strict, field=field)
+
+
+def make_inputs(spec: RunSpec, step: int) -> Any:
+    """The inputs of one step, built the same way for both sides (same seed)."""
+    field = "[inputs] factory"
+    factory = resolve(spec.inputs_factory or "", field=field, base=spec.base_dir)
+    torch.manual_seed(spec.seed + step)
+    return call_with_supported(factory, {"seed": spec.seed, "step": step, **spec.inputs_kwargs}, field=field)
+
+
+def _placement(spec: RunSpec, side: SideSpec) -> tuple[str, torch.dtype | None]:
+    device = side.device or spec.device
+    name = side.dtype or spec.dtype
+    if name is None:
+        return device, None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SpecError(f"[{side.name}] dtype={name!r} is not a torch dtype; use float32, bfloat16, float16, float64")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"[{side.name}] device={device!r} but CUDA is not available on this machine; use cpu")
+    return device, dtype
+
+
+def clone_inputs(inputs: Any, *, device: str | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A private copy of the inputs for one side: tensors cloned (and moved, floats cast)."""
+    if isinstance(inputs, torch.Tensor):
+        moved = inputs.detach().clone()
+        moved = moved.to(device) if device is not None else moved
+        return moved.to(dtype) if dtype is not None and moved.is_floating_point() else moved
+    if isinstance(inputs, Mapping):
+        return {key: clone_inputs(value, device=device, dtype=dtype) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(clone_inputs(value, device=device, dtype=dtype) for value in inputs)
+    return copy.deepcopy(inputs)
+
+
+def _caller(spec: RunSpec, side: SideSpec) -> Callable[[nn.Module, Any], Any]:
+    if not side.call:
+        return lambda model, inputs: default_call(model, inputs)
+    if ":" in side.call:
+        return resolve(side.call, field=f"[{side.name}] call", base=spec.base_dir)
+    method = side.call
+
+    def call_method(model: nn.Module, inputs: Any) -> Any:
+        bound = getattr(model, method, None)
+        if not callable(bound):
+            raise SpecError(f"[{side.name}] call={method!r}: {type(model).__name__} has no such method")
+        return default_call(bound, inputs)
+
+    return call_method
+
+
+def default_call(fn: Callable[..., Any], inputs: Any) -> Any:
+    """``fn(**inputs)`` for a mapping, ``fn(*inputs)`` for a list or tuple, else ``fn(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return fn(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return fn(*inputs)
+    return fn(inputs)
+
+
+def _invoke(call: Callable[[nn.Module, Any], Any], model: nn.Module, inputs: Any, *, side: str, step: int) -> Any:
+    try:
+        return call(model, inputs)
+    except TracediffError:
+        raise
+    except Exception as exc:
+        raise _call_error(side, step, exc) from exc
+
+
+def _call_error(side: str, step: int, exc: Exception) -> SpecError:
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return SpecError(f"[inputs] factory: calling the {side} model at step {step} failed with "
+                     f"{type(exc).__name__}: {text} (do the inputs fit the model's forward?)")
+
+
+# -- isolated sides ---------------------------------------------------------------
+def spec_to_json(spec: RunSpec) -> str:
+    data = dataclasses.asdict(spec)
+    data["base_dir"] = str(spec.base_dir)
+    return json.dumps(data)
+
+
+def spec_from_json(text: str) -> RunSpec:
+    data = json.loads(text)
+    data["upstream"] = SideSpec(**data["upstream"])
+    data["port"] = SideSpec(**data["port"])
+    data["base_dir"] = Path(data["base_dir"])
+    return RunSpec(**data)
+
+
+def _trace_in_subprocess(spec: RunSpec, side: str, out_dir: Path, progress: ProgressFn | None) -> SideResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = out_dir / f".{side}-spec.json"
+    spec_file.write_text(spec_to_json(spec))
+    result_file = out_dir / f".{side}-result.json"
+    command = [sys.executable, "-m", "tracediff.side_worker", str(spec_file), side, str(out_dir), str(result_file)]
+    if progress:
+        progress(side, 0, spec.steps)
+    with _cleanup(spec_file, result_file):
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0 or not result_file.exists():
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            detail = lines[-1] if lines else f"exit code {proc.returncode}"
+            prefix = "tracediff-worker: "
+            if detail.startswith(prefix):
+                raise SpecError(detail[len(prefix):])
+            raise SpecError(f"--isolate-sides: the {side} process failed: {detail}")
+        data = json.loads(result_file.read_text())
+    if progress:
+        progress(side, spec.steps, spec.steps)
+    return SideResult(side, Path(data["trace"]), data["seconds"], data["records"], data["failures"])
+
+
+@contextlib.contextmanager
+def _cleanup(*paths: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)

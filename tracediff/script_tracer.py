@@ -1,0 +1,137 @@
+"""Trace a Python script that knows nothing of tracediff.
+
+``python -m tracediff.script_tracer --side ref --out DIR -- script.py ARGS…``
+runs the script in this process with a global forward pre-hook. The first time
+a module is called while no other module is running, and it owns parameters,
+it is taken to be one of the script's models: the recorder is attached to it
+and writes ``DIR/<side>.<ModelClass>.h5``. Each later top-level call of that
+model counts as one step. The script's source is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import re
+import runpy
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tracediff.config import TraceConfig
+from tracediff.errors import TracediffError
+from tracediff.hooks import TraceHandle, attach
+
+_depth = threading.local()
+
+
+class ScriptTracer:
+    """Attaches the recorder to every model a script calls at top level."""
+
+    def __init__(self, *, side: str, out_dir: Path, config: TraceConfig, model_filter: re.Pattern[str] | None) -> None:
+        self.side = side
+        self.out_dir = out_dir
+        self.config = config
+        self.model_filter = model_filter
+        self.handles: dict[int, TraceHandle] = {}
+        self.skipped: set[int] = set()
+        self._late_inputs: set[int] = set()
+        self._hooks: list[Any] = []
+
+    def install(self) -> None:
+        self._hooks.append(nn.modules.module.register_module_forward_pre_hook(self._pre))
+        self._hooks.append(
+            nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)
+        )
+        atexit.register(self.close)
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        depth = getattr(_depth, "value", 0)
+        _depth.value = depth + 1
+        if depth or id(module) in self.handles or id(module) in self.skipped:
+            return
+        if not self._is_model(module):
+            self.skipped.add(id(module))
+            return
+        name = type(module).__name__
+        taken = {handle.path.name for handle in self.handles.values() if handle.path}
+        filename = f"{self.side}.{name}.h5"
+        counter = 1
+        while filename in taken:
+            counter += 1
+            filename = f"{self.side}.{name}.{counter}.h5"
+        handle = attach(module, side=self.side, config=self.config, output=self.out_dir / filename)
+        self.handles[id(module)] = handle
+        # The recorder's root pre-hook was registered during this very call, too late for
+        # torch to run it now: start the step here, and record the inputs (keyword ones
+        # included, which a global pre-hook cannot see) when the call returns.
+        recorder = handle.recorder
+        if recorder is not None:
+            recorder._root_pre_hook(module, args, {}, record_inputs=False)
+            self._late_inputs.add(id(module))
+
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        _depth.value = max(getattr(_depth, "value", 1) - 1, 0)
+        if id(module) in self._late_inputs:
+            self._late_inputs.discard(id(module))
+            recorder = self.handles[id(module)].recorder
+            if recorder is not None:
+                recorder.record_late_inputs(args, kwargs)
+
+    def _is_model(self, module: nn.Module) -> bool:
+        if self.model_filter is not None:
+            return self.model_filter.search(type(module).__name__) is not None
+        return next(module.parameters(), None) is not None and next(module.children(), None) is not None
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for handle in self.handles.values():
+            handle.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tracediff.script_tracer")
+    parser.add_argument("--side", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--model-class", default=None)
+    parser.add_argument("target", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    target = [item for item in args.target if item != "--"] if args.target[:1] == ["--"] else args.target
+    try:
+        config = TraceConfig.from_env(enabled=True)
+        tracer = ScriptTracer(
+            side=args.side,
+            out_dir=args.out,
+            config=config,
+            model_filter=re.compile(args.model_class) if args.model_class else None,
+        )
+    except TracediffError as exc:
+        print(f"tracediff run: error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    tracer.install()
+    sys.argv = list(target)
+    try:
+        if target[0] == "-m":
+            sys.argv = target[1:]
+            runpy.run_module(target[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.path.insert(0, str(Path(target[0]).resolve().parent))
+            runpy.run_path(target[0], run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return code
+    finally:
+        tracer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    sys.exit(main())
