@@ -8,6 +8,8 @@ from torch import nn
 
 from tracediff.config import ENV_ACTIVATIONS, ENV_LAYERS, ENV_OUTPUT, ENV_SAMPLE_SIZE, ENV_STATS, ENV_STEPS
 
+pytest_plugins = ["pytester"]
+
 TRACE_ENV = (ENV_ACTIVATIONS, ENV_LAYERS, ENV_STATS, ENV_STEPS, ENV_OUTPUT, ENV_SAMPLE_SIZE)
 
 

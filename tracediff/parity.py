@@ -1,0 +1,160 @@
+"""Parity checks that diagnose themselves: compare two models, and on failure say where they part.
+
+This is the work behind the pytest plugin's ``parity`` fixture; the plugin
+module itself only wires options, fixtures and hooks to it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tracediff.analysis import Analysis, analyse, tolerance_from
+from tracediff.config import ENV_LAYERS, ENV_STATS, TraceConfig
+from tracediff.hooks.flatten import iter_tensors
+from tracediff.runner import clone_inputs, default_call, trace_model
+from tracediff.spec import DEFAULT_STATS
+from tracediff.tolerance import Tolerance
+
+Mode = Literal["off", "report", "bisect"]
+MODES: tuple[str, ...] = ("off", "report", "bisect")
+CallFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Session-wide plugin settings (from ``--tracediff*`` options and the environment)."""
+
+    mode: Mode = "report"
+    root: Path = Path(".tracediff")
+    layers: str | None = None
+    stats: str = DEFAULT_STATS
+
+    @classmethod
+    def from_options(cls, *, mode: str, root: str, layers: str | None, stats: str | None) -> Settings:
+        return cls(
+            mode=mode,  # type: ignore[arg-type]
+            root=Path(root),
+            layers=layers if layers is not None else (os.environ.get(ENV_LAYERS) or None),
+            stats=stats or os.environ.get(ENV_STATS) or DEFAULT_STATS,
+        )
+
+
+@dataclass
+class PairSpec:
+    """Two models, their inputs, how to call them, and how to align and judge them."""
+
+    upstream: nn.Module
+    port: nn.Module
+    inputs: Any
+    upstream_call: CallFn | None = None
+    port_call: CallFn | None = None
+    mapping: Any = None
+    param_map: Any = None
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+
+@dataclass
+class Diagnosis:
+    """What the automatic diagnosis found, or why it could not run."""
+
+    out_dir: Path
+    analysis: Analysis | None = None
+    error: str | None = None
+
+    def section(self) -> str:
+        """The text appended to a failing test's output."""
+        if self.analysis is None:
+            return (f"tracediff: the diagnosis itself failed: {self.error}\n"
+                    f"(the test's own failure above is unaffected; artifacts, if any: {self.out_dir})")
+        lines = [self.analysis.text().rstrip(), f"tracediff artifacts: {self.out_dir}/ "
+                 "(upstream.h5, port.h5, report.json, report.html)"]
+        return "\n".join(lines)
+
+
+def run_pair(pair: PairSpec) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """Run both models once on private copies of the inputs; return their labelled output tensors."""
+    with torch.no_grad():
+        up = _call(pair.upstream_call, pair.upstream, clone_inputs(pair.inputs))
+        port = _call(pair.port_call, pair.port, clone_inputs(pair.inputs))
+    return list(iter_tensors(up)), list(iter_tensors(port))
+
+
+def compare_outputs(pair: PairSpec) -> str | None:
+    """``torch.testing.assert_close`` of every output tensor; the failure message, or None."""
+    upstream, port = run_pair(pair)
+    up_labels = [label for label, _ in upstream]
+    port_labels = [label for label, _ in port]
+    if up_labels != port_labels:
+        return f"outputs differ in structure: upstream gives {up_labels}, port gives {port_labels}"
+    tol = pair.tolerance
+    for (label, expected), (_, actual) in zip(upstream, port, strict=True):
+        try:
+            torch.testing.assert_close(actual, expected, atol=tol.atol, rtol=tol.rtol, check_dtype=False,
+                                       check_device=False)
+        except AssertionError as exc:
+            return f"port output {label!r} differs from upstream (atol={tol.atol:g}, rtol={tol.rtol:g}):\n{exc}"
+    return None
+
+
+def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
+    """Trace both models on the same inputs, align, diff, write reports; never raises."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = TraceConfig(layers=settings.layers, stats=settings.stats, layers_source="--tracediff-layers")
+        sides = (("upstream", pair.upstream, pair.upstream_call), ("port", pair.port, pair.port_call))
+        for side, model, call in sides:
+            trace_model(model, side=side, steps=[clone_inputs(pair.inputs)], output=out_dir / f"{side}.h5",
+                        config=config, call=call)
+        analysis = analyse(out_dir / "upstream.h5", out_dir / "port.h5", mapping=pair.mapping,
+                           param_map=pair.param_map, tolerance=pair.tolerance, out_dir=out_dir)
+        return Diagnosis(out_dir=out_dir, analysis=analysis)
+    except Exception as exc:  # the diagnosis must never hide the test's own failure
+        return Diagnosis(out_dir=out_dir, error=f"{type(exc).__name__}: {exc}")
+
+
+def make_pair(upstream: nn.Module, port: nn.Module, inputs: Any, *, atol: float | None = None,
+              rtol: float | None = None, preset: str | None = None, map: Any = None, param_map: Any = None,
+              call: CallFn | str | None = None, upstream_call: CallFn | str | None = None,
+              port_call: CallFn | str | None = None) -> PairSpec:
+    """Validate the arguments of ``parity.compare``/``parity.register`` into a :class:`PairSpec`."""
+    for name, model in (("upstream", upstream), ("port", port)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"parity: {name} must be a torch.nn.Module, got {type(model).__name__}")
+    if (atol is None) != (rtol is None):
+        raise TypeError("parity: give atol and rtol together, or a preset")
+    if preset is not None and atol is not None:
+        raise TypeError("parity: give either preset or atol/rtol, not both")
+    return PairSpec(
+        upstream=upstream,
+        port=port,
+        inputs=inputs,
+        upstream_call=_as_call(upstream_call or call),
+        port_call=_as_call(port_call or call),
+        mapping=map,
+        param_map=param_map,
+        tolerance=tolerance_from(preset_name=preset, atol=atol, rtol=rtol),
+    )
+
+
+def artifact_dir(root: Path, nodeid: str) -> Path:
+    """``.tracediff/<test id>/`` with the id made filesystem-safe."""
+    return root / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
+
+
+def _as_call(call: CallFn | str | None) -> CallFn | None:
+    if call is None or callable(call):
+        return call
+    method = call
+    return lambda model, inputs: default_call(getattr(model, method), inputs)
+
+
+def _call(call: CallFn | None, model: nn.Module, inputs: Any) -> Any:
+    return call(model, inputs) if call is not None else default_call(model, inputs)

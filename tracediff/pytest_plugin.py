@@ -1,0 +1,141 @@
+"""The tracediff pytest plugin: parity tests that explain their own failures.
+
+Thin by design (like syrupy's): options, the ``parity`` fixture, the
+``tracediff_pair`` marker and one report hook, all handing the work to
+:mod:`tracediff.parity`. Plugin state lives in ``config.stash`` and
+``item.stash``. Tests that use neither the fixture nor the marker pay nothing:
+torch and the rest of tracediff are imported only when a parity test runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from tracediff.parity import PairSpec, Settings
+
+MODES = ("off", "report", "bisect")
+OPTIONS = pytest.StashKey[dict[str, Any]]()
+PAIRS = pytest.StashKey[list["PairSpec"]]()
+DIAGNOSED = pytest.StashKey[bool]()
+
+
+def _settings(config: pytest.Config) -> Settings:
+    from tracediff.parity import Settings
+
+    return Settings.from_options(**config.stash[OPTIONS])
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("tracediff", "tracediff: diagnose failing parity tests")
+    group.addoption("--tracediff", choices=MODES, default="report",
+                    help="on a failing parity test: off = do nothing, report = trace both models and attach the "
+                         "first-drift report (default), bisect = also drill down to the culprit")
+    group.addoption("--tracediff-dir", default=".tracediff", metavar="DIR",
+                    help="where traces and reports of failing tests go, one folder per test (default .tracediff)")
+    group.addoption("--tracediff-layers", default=None, metavar="REGEX",
+                    help="modules to trace (default: $FASTVIDEO_TRACE_LAYERS, else all)")
+    group.addoption("--tracediff-stats", default=None, metavar="LIST",
+                    help="stats to record (default: $FASTVIDEO_TRACE_STATS, else tracediff's default set)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "tracediff_pair(upstream, port, inputs, **options): names the fixtures holding the two models and their "
+        "inputs; if the test fails, tracediff diagnoses the pair and adds a 'tracediff' report section",
+    )
+    config.stash[OPTIONS] = {
+        "mode": config.getoption("--tracediff"),
+        "root": config.getoption("--tracediff-dir"),
+        "layers": config.getoption("--tracediff-layers"),
+        "stats": config.getoption("--tracediff-stats"),
+    }
+
+
+class Parity:
+    """The ``parity`` fixture: ``compare`` two models, or ``register`` them for diagnosis."""
+
+    def __init__(self, item: pytest.Item, settings: Settings) -> None:
+        self._item = item
+        self._settings = settings
+
+    @property
+    def out_dir(self) -> Any:
+        from tracediff.parity import artifact_dir
+
+        return artifact_dir(self._settings.root, self._item.nodeid)
+
+    def compare(self, upstream: Any, port: Any, inputs: Any, **options: Any) -> None:
+        """Assert both models give the same outputs; on failure, attach the first-drift report.
+
+        Options: ``atol``/``rtol`` or ``preset``, ``map``, ``param_map``, ``call``
+        (method name or ``fn(model, inputs)``), ``upstream_call``, ``port_call``.
+        """
+        from tracediff.parity import compare_outputs, diagnose, make_pair
+
+        pair = make_pair(upstream, port, inputs, **options)
+        failure = compare_outputs(pair)
+        if failure is None:
+            return
+        if self._settings.mode == "off":
+            raise AssertionError(failure)
+        self._item.stash[DIAGNOSED] = True
+        diagnosis = diagnose(pair, self.out_dir, self._settings)
+        raise AssertionError(f"{failure}\n\n{diagnosis.section()}")
+
+    def register(self, upstream: Any, port: Any, inputs: Any, **options: Any) -> None:
+        """Diagnose this pair if the test fails for any reason (its own ``assert_close`` included)."""
+        from tracediff.parity import make_pair
+
+        self._item.stash.setdefault(PAIRS, []).append(make_pair(upstream, port, inputs, **options))
+
+
+@pytest.fixture
+def parity(request: pytest.FixtureRequest) -> Parity:
+    """Compare an upstream model with its port; failures come with tracediff's diagnosis."""
+    return Parity(request.node, _settings(request.config))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or item.stash.get(DIAGNOSED, False):
+        return
+    marker = item.get_closest_marker("tracediff_pair")
+    if item.config.stash[OPTIONS]["mode"] == "off" or (marker is None and not item.stash.get(PAIRS, [])):
+        return
+    from tracediff.parity import artifact_dir, diagnose
+
+    settings = _settings(item.config)
+    pairs = list(item.stash.get(PAIRS, []))
+    if marker is not None:
+        try:
+            pairs.append(_pair_from_marker(item, marker))
+        except Exception as exc:
+            report.sections.append(("tracediff", f"tracediff: cannot use the tracediff_pair marker: {exc}"))
+    for index, pair in enumerate(pairs):
+        out_dir = artifact_dir(settings.root, item.nodeid + (f"-{index}" if index else ""))
+        diagnosis = diagnose(pair, out_dir, settings)
+        report.sections.append(("tracediff", diagnosis.section()))
+
+
+def _pair_from_marker(item: pytest.Item, marker: pytest.Mark) -> PairSpec:
+    from tracediff.parity import make_pair
+
+    names = dict(zip(("upstream", "port", "inputs"), marker.args, strict=False))
+    names.update({key: marker.kwargs[key] for key in ("upstream", "port", "inputs") if key in marker.kwargs})
+    missing = [key for key in ("upstream", "port", "inputs") if key not in names]
+    if missing:
+        raise TypeError(f"tracediff_pair needs fixture names for {', '.join(missing)}")
+    funcargs = getattr(item, "funcargs", {})
+    values = {}
+    for key, fixture_name in names.items():
+        if fixture_name not in funcargs:
+            raise LookupError(f"{key}={fixture_name!r} is not a fixture this test uses")
+        values[key] = funcargs[fixture_name]
+    options = {k: v for k, v in marker.kwargs.items() if k not in ("upstream", "port", "inputs")}
+    return make_pair(values["upstream"], values["port"], values["inputs"], **options)
