@@ -24,12 +24,15 @@ class Pair:
         port: module name in the port.
         source: which evidence paired them, see :data:`SOURCES`.
         confidence: 0..1; explicit mappings are 1.0, structural guesses lower.
+        note: why the aligner chose this pair when that is not obvious from
+            ``source`` alone (tie broken by order, paired through its children, ...).
     """
 
     upstream: str
     port: str
     source: str
     confidence: float
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,17 @@ class Group:
 
 @dataclass
 class Alignment:
-    """All pairs, many-to-one groups, and what stayed unmatched on each side."""
+    """All pairs, many-to-one groups, and what stayed unmatched on each side.
+
+    ``notes`` carries findings that are worth a look but are not errors (a
+    parameter-map rule that matched nothing in this model, for instance).
+    """
 
     pairs: list[Pair] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
     unmatched_upstream: list[str] = field(default_factory=list)
     unmatched_port: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def port_for(self, upstream: str) -> str | None:
         return self._by_upstream().get(upstream)
