@@ -6,11 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from tracediff.config import ENV_ACTIVATIONS, ENV_LAYERS, ENV_OUTPUT, ENV_SAMPLE_SIZE, ENV_STATS, ENV_STEPS
+from tracediff.config import (
+    ENV_ACTIVATIONS,
+    ENV_LAYERS,
+    ENV_OUTPUT,
+    ENV_RANKS,
+    ENV_RANKS_FASTVIDEO,
+    ENV_SAMPLE_SIZE,
+    ENV_STATS,
+    ENV_STEPS,
+)
 
 pytest_plugins = ["pytester"]
 
-TRACE_ENV = (ENV_ACTIVATIONS, ENV_LAYERS, ENV_STATS, ENV_STEPS, ENV_OUTPUT, ENV_SAMPLE_SIZE)
+TRACE_ENV = (
+    ENV_ACTIVATIONS, ENV_LAYERS, ENV_STATS, ENV_STEPS, ENV_OUTPUT, ENV_SAMPLE_SIZE, ENV_RANKS, ENV_RANKS_FASTVIDEO
+)
 
 
 class Block(nn.Module):

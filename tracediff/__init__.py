@@ -4,6 +4,7 @@ Public API:
     attach, trace_step: record a model's per-layer activations into HDF5.
     TraceConfig: tracing settings (``FASTVIDEO_TRACE_*`` variables or arguments).
     open_trace: read a trace back as numpy columns.
+    merge_traces: merge the per-rank traces of a distributed run into one trace.
 
 Names are imported lazily so that commands which only read traces
 (``tracediff show``, ``first-drift``) start without importing torch.
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TraceConfig": "tracediff.config",
     "AlignmentError": "tracediff.errors",
+    "MergeError": "tracediff.errors",
     "SpecError": "tracediff.errors",
     "TraceConfigError": "tracediff.errors",
     "TraceFormatError": "tracediff.errors",
@@ -28,11 +30,13 @@ _EXPORTS = {
     "current_step": "tracediff.hooks",
     "trace_step": "tracediff.hooks",
     "open_trace": "tracediff.store.reader",
+    "merge_traces": "tracediff.merge",
     "Trace": "tracediff.trace",
 }
 
 __all__ = [
     "AlignmentError",
+    "MergeError",
     "SpecError",
     "Trace",
     "TraceConfig",
@@ -43,14 +47,23 @@ __all__ = [
     "__version__",
     "attach",
     "current_step",
+    "merge_traces",
     "open_trace",
     "trace_step",
 ]
 
 if TYPE_CHECKING:
     from tracediff.config import TraceConfig
-    from tracediff.errors import AlignmentError, SpecError, TraceConfigError, TracediffError, TraceFormatError
+    from tracediff.errors import (
+        AlignmentError,
+        MergeError,
+        SpecError,
+        TraceConfigError,
+        TracediffError,
+        TraceFormatError,
+    )
     from tracediff.hooks import TraceHandle, attach, current_step, trace_step
+    from tracediff.merge import merge_traces
     from tracediff.store.reader import open_trace
     from tracediff.trace import Trace
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from tracediff.errors import TracediffError
 
 #: Subcommand modules under ``tracediff.commands``, in ``--help`` order.
-COMMANDS = ("run", "first_drift", "align", "show")
+COMMANDS = ("run", "first_drift", "weights", "merge", "align", "show", "bisect")
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2
 
@@ -57,11 +57,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except TracediffError as exc:
-        print(f"tracediff {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tracediff {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a user's file that cannot be read or written (permissions, a full disk, a damaged file)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tracediff {args.command}: error: {where}{_one_line(exc.strerror or str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"tracediff {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    """An error message as the single line the CLI promises (library messages sometimes span several)."""
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ ENV_STATS = "FASTVIDEO_TRACE_STATS"
 ENV_STEPS = "FASTVIDEO_TRACE_STEPS"
 ENV_OUTPUT = "FASTVIDEO_TRACE_OUTPUT"
 ENV_SAMPLE_SIZE = "TRACEDIFF_SAMPLE_SIZE"
+#: Allow ``attach`` to replace an existing trace file (docs/reliability.md).
+ENV_OVERWRITE = "TRACEDIFF_OVERWRITE"
+#: Which ranks of a ``torch.distributed`` run trace (docs/distributed.md); the FastVideo-style name is accepted too.
+ENV_RANKS = "TRACEDIFF_TRACE_RANKS"
+ENV_RANKS_FASTVIDEO = "FASTVIDEO_TRACE_RANKS"
 
 #: Stats FastVideo's own tracer accepts, with its default selection.
 FASTVIDEO_STATS = ("abs_mean", "sum", "min", "max", "mean", "std", "shape", "dtype")
@@ -97,7 +102,9 @@ def parse_stats(value: str | Iterable[str] | None, *, source: str = ENV_STATS) -
     return tuple(dict.fromkeys(names))
 
 
-def parse_steps(value: str | Iterable[int] | None, *, source: str = ENV_STEPS) -> frozenset[int] | None:
+def parse_steps(
+    value: str | Iterable[int] | None, *, source: str = ENV_STEPS, what: str = "step"
+) -> frozenset[int] | None:
     """Parse ``0,2,5-7`` into a set of step indices; empty means every step."""
     if value is None:
         return None
@@ -105,7 +112,7 @@ def parse_steps(value: str | Iterable[int] | None, *, source: str = ENV_STEPS) -
         steps = list(value)
         bad = [s for s in steps if not isinstance(s, int) or isinstance(s, bool) or s < 0]
         if bad:
-            raise TraceConfigError(f"{source}={steps!r} contains {bad[0]!r}; steps are integers >= 0")
+            raise TraceConfigError(f"{source}={steps!r} contains {bad[0]!r}; {what}s are integers >= 0")
         return frozenset(steps) if steps else None
     if not value.strip():
         return None
@@ -117,8 +124,8 @@ def parse_steps(value: str | Iterable[int] | None, *, source: str = ENV_STEPS) -
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", token)
         if match is None or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
             raise TraceConfigError(
-                f"{source}={value!r} has invalid item {token!r}; use step indices and "
-                "ascending ranges separated by commas, e.g. '0,2,10-12'"
+                f"{source}={value!r} has invalid item {token!r}; use {what} indices and "
+                f"ascending ranges separated by commas, e.g. '{'0,2,10-12' if what == 'step' else '0,2-3'}'"
             )
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
@@ -137,6 +144,11 @@ def parse_sample_size(value: str | int | None, *, source: str = ENV_SAMPLE_SIZE)
     if size < 1:
         raise TraceConfigError(f"{source}={value!r} is not a positive integer; use e.g. 256")
     return size
+
+
+def parse_ranks(value: str | Iterable[int] | None, *, source: str = ENV_RANKS) -> frozenset[int] | None:
+    """Parse ``0,2-3`` into the set of ranks that trace; empty means every rank."""
+    return parse_steps(value, source=source, what="rank")
 
 
 def resolve_output(template: str, *, side: str, rank: int = 0, pid: int | None = None) -> Path:
@@ -175,6 +187,7 @@ class TraceConfig:
         steps: step indices to record, ``None`` for all.
         output: output path template (``<pid>``, ``<rank>``, ``<side>`` placeholders).
         sample_size: elements kept per tensor by the ``sample`` stat.
+        overwrite: replace an existing trace file at the output path (default: refuse).
     """
 
     enabled: bool = True
@@ -185,6 +198,12 @@ class TraceConfig:
     sample_size: int = DEFAULT_SAMPLE_SIZE
     #: what to call the layer selection in error messages (env var or argument name)
     layers_source: str = "layers"
+    #: ranks of a distributed run that trace, ``None`` for all (``TRACEDIFF_TRACE_RANKS``)
+    ranks: frozenset[int] | None = None
+    #: what to call the rank selection in error messages
+    ranks_source: str = "ranks"
+    #: replace an existing file at the output path (``TRACEDIFF_OVERWRITE``); off, attach refuses
+    overwrite: bool = False
     layer_predicate: Callable[[str], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +211,7 @@ class TraceConfig:
         object.__setattr__(self, "steps", parse_steps(self.steps, source="steps"))
         object.__setattr__(self, "sample_size", parse_sample_size(self.sample_size, source="sample_size"))
         object.__setattr__(self, "layer_predicate", names_predicate(self.layers, source=self.layers_source))
+        object.__setattr__(self, "ranks", parse_ranks(self.ranks, source=self.ranks_source))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> TraceConfig:
@@ -208,7 +228,11 @@ class TraceConfig:
             "steps": parse_steps(env.get(ENV_STEPS)),
             "output": env.get(ENV_OUTPUT) or DEFAULT_OUTPUT,
             "sample_size": parse_sample_size(env.get(ENV_SAMPLE_SIZE)),
+            "overwrite": parse_bool(env.get(ENV_OVERWRITE), source=ENV_OVERWRITE),
         }
+        ranks_source, ranks = _ranks_from_env(env)
+        if ranks is not None:
+            values["ranks"], values["ranks_source"] = ranks, ranks_source
         if values["layers"] is not None:
             values["layers_source"] = ENV_LAYERS
         if overrides.get("layers") is not None:
@@ -233,6 +257,20 @@ class TraceConfig:
 
     def wants_step(self, step: int) -> bool:
         return self.steps is None or step in self.steps
+
+
+def _ranks_from_env(env: Mapping[str, str]) -> tuple[str, frozenset[int] | None]:
+    """``TRACEDIFF_TRACE_RANKS``, or FastVideo's spelling; both set and different is an error."""
+    ours, theirs = env.get(ENV_RANKS, "").strip(), env.get(ENV_RANKS_FASTVIDEO, "").strip()
+    if ours and theirs and parse_ranks(ours) != parse_ranks(theirs, source=ENV_RANKS_FASTVIDEO):
+        raise TraceConfigError(
+            f"{ENV_RANKS}={ours!r} and {ENV_RANKS_FASTVIDEO}={theirs!r} disagree; set one of them"
+        )
+    if ours:
+        return ENV_RANKS, parse_ranks(ours)
+    if theirs:
+        return ENV_RANKS_FASTVIDEO, parse_ranks(theirs, source=ENV_RANKS_FASTVIDEO)
+    return ENV_RANKS, None
 
 
 def _show(value: object) -> str:

@@ -43,7 +43,7 @@ from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
 from tracediff.trace import Trace
 
 FindingKind = Literal[
-    "missing_in_port", "missing_in_upstream", "shape_mismatch", "dtype_mismatch", "nonfinite", "drift"
+    "missing_in_port", "missing_in_upstream", "shape_mismatch", "dtype_mismatch", "nonfinite", "rank_mismatch", "drift"
 ]
 #: Finding kinds; at the same record the earlier kind is reported first.
 KINDS: tuple[str, ...] = (
@@ -52,13 +52,14 @@ KINDS: tuple[str, ...] = (
     "shape_mismatch",
     "dtype_mismatch",
     "nonfinite",
+    "rank_mismatch",
     "drift",
 )
 #: Kinds that make a diff fail unless the caller says otherwise. A dtype mismatch is
 #: usually deliberate (a bf16 port against an fp32 reference) and a record on one side
 #: only is usually a structural difference whose numerical effect shows up as drift
 #: at the next aligned record; both are reported, neither fails by default.
-DEFAULT_FAIL_ON: frozenset[str] = frozenset({"drift", "shape_mismatch", "nonfinite"})
+DEFAULT_FAIL_ON: frozenset[str] = frozenset({"drift", "shape_mismatch", "nonfinite", "rank_mismatch"})
 
 #: Stats compared on records without elements, in reporting order.
 STAT_CHECKS: tuple[str, ...] = ("abs_mean", "l2", "max", "min", "mean", "std", "sum")
@@ -353,7 +354,8 @@ class _Match:
         u_s = np.searchsorted(steps_arr, u_step[u_rows])
         p_s = np.searchsorted(steps_arr, p_step[p_rows])
         u_key = _key(u_pair[u_rows], u_s, uc["call"][u_rows], u_label[u_rows], n_step, n_call, n_label, n_pair)
-        p_key = _key(p_pair[p_rows], p_s, pc["call"][p_rows], p_label[p_rows], n_step, n_call, n_label, n_pair)
+        p_key_label = _sole_labels(u_pair[u_rows], u_label[u_rows], p_pair[p_rows], p_label[p_rows], labels)
+        p_key = _key(p_pair[p_rows], p_s, pc["call"][p_rows], p_key_label, n_step, n_call, n_label, n_pair)
 
         order = np.argsort(u_key, kind="stable")
         sorted_keys = u_key[order]
@@ -464,6 +466,38 @@ def _label_map(labels: list[str], vocabulary: dict[str, int]) -> np.ndarray:
     return np.asarray([vocabulary.setdefault(label, len(vocabulary)) for label in labels] or [0], dtype=np.int64)
 
 
+def _sole_labels(
+    u_pair: np.ndarray, u_label: np.ndarray, p_pair: np.ndarray, p_label: np.ndarray, vocabulary: dict[str, int]
+) -> np.ndarray:
+    """Port labels to match on: a module pair's only output tensor matches whatever each side calls it.
+
+    One implementation returns a tensor (``out``), the other ``(tensor, None)``
+    (``out[0]``) or a ``ModelOutput`` holding one tensor (``out.logits``). When
+    both modules of a pair produced exactly one distinct output label (and,
+    separately, one distinct input label, for the models' own inputs), those are
+    the same tensor, so the port's label is read as upstream's. Pairs with
+    several tensors on either side keep exact label matching.
+    """
+    is_input = np.asarray([name.startswith("input") for name in vocabulary] or [False], dtype=bool)
+    n_labels = len(is_input)
+    out = p_label.copy()
+    for kind in (False, True):
+        u_sel = is_input[u_label] == kind
+        p_sel = is_input[p_label] == kind
+        u_combo = np.unique(u_pair[u_sel] * n_labels + u_label[u_sel])
+        p_combo = np.unique(p_pair[p_sel] * n_labels + p_label[p_sel])
+        u_pairs, u_counts = np.unique(u_combo // n_labels, return_counts=True)
+        p_pairs, p_counts = np.unique(p_combo // n_labels, return_counts=True)
+        sole = np.intersect1d(u_pairs[u_counts == 1], p_pairs[p_counts == 1])
+        if not len(sole):
+            continue
+        target = np.full(int(max(u_pairs.max(), p_pairs.max())) + 1, -1, dtype=np.int64)
+        target[sole] = u_combo[np.isin(u_combo // n_labels, sole)] % n_labels
+        rows = np.flatnonzero(p_sel & np.isin(p_pair, sole))
+        out[rows] = target[p_pair[rows]]
+    return out
+
+
 def _key(
     pair: np.ndarray,
     step: np.ndarray,
@@ -507,6 +541,7 @@ class _Table:
     shape_mismatch: np.ndarray
     dtype_mismatch: np.ndarray
     nonfinite: np.ndarray
+    rank_mismatch: np.ndarray  # a merged trace's replicated record differs across ranks (docs/distributed.md)
     step: np.ndarray
     order: np.ndarray  # matched indices sorted by (step, pos)
     index: np.ndarray  # each matched record's position among its step's compared records
@@ -520,6 +555,7 @@ class _Table:
         shape_mm = _shape_mismatch(upstream, port, mu, mp)
         dtype_mm = _dtype_mismatch(upstream, port, mu, mp)
         nonfinite = _nonfinite(port, mp) & ~_nonfinite(upstream, mu)
+        rank_mm = _rank_mismatch(port, mp) | _rank_mismatch(upstream, mu)
 
         stat_drift = _stat_drifts(upstream, port, mu, mp, atol)
         el = _ElementMetrics.compute(upstream, port, mu, mp, atol, rtol, ~shape_mm)
@@ -563,6 +599,7 @@ class _Table:
             shape_mismatch=shape_mm,
             dtype_mismatch=dtype_mm,
             nonfinite=nonfinite,
+            rank_mismatch=rank_mm,
             step=step,
             order=order,
             index=index,
@@ -663,6 +700,52 @@ def _dtype_mismatch(upstream: Trace, port: Trace, mu: np.ndarray, mp: np.ndarray
     u = u_map[upstream.records.columns["dtype"][mu]] if len(mu) else np.zeros(0, dtype=np.int64)
     p = p_map[port.records.columns["dtype"][mp]] if len(mp) else np.zeros(0, dtype=np.int64)
     return (u != 0) & (p != 0) & (u != p)
+
+
+def _rank_mismatch(trace: Trace, rows: np.ndarray) -> np.ndarray:
+    """Whether each record is a replicated tensor whose copies differ across ranks (merged traces only)."""
+    if trace.ranks is None:
+        return np.zeros(len(rows), dtype=bool)
+    return trace.ranks.mismatched(len(trace.records))[rows]
+
+
+def _rank_notes(row: LayerRow, table: _Table, kind: str) -> str:
+    """Which rank it is: the ranks of a mismatch, or how a drifting sharded record splits over ranks."""
+    sides = (("port", table.port, row.port_record), ("upstream", table.upstream, row.upstream_record))
+    if kind == "rank_mismatch":
+        notes = [
+            (f"{name}: " if name == "upstream" else "") + trace.ranks.describe_mismatch(record)
+            for name, trace, record in sides
+            if trace.ranks is not None and trace.ranks.describe_mismatch(record)
+        ]
+        return "; ".join(notes)
+    for name, trace, record in sides:
+        layout = trace.ranks
+        if layout is None or int(layout.shard_dim[record]) < 0:
+            continue
+        shape = trace.records.shape_of(record)
+        slices = layout.shard_slices(record, shape)
+        where = (
+            f"{'' if name == 'port' else 'upstream '}sharded over ranks {', '.join(str(r) for r, _ in slices)} "
+            f"along dim {int(layout.shard_dim[record])}"
+        )
+        other, other_record = (table.upstream, row.upstream_record) if name == "port" else (
+            table.port, row.port_record
+        )
+        mine, theirs = trace.full(record), other.full(other_record)
+        if mine is None or theirs is None or mine.shape != theirs.shape:
+            return f"{where} (trace the full stat on both sides to see which rank's shard differs)"
+        errors = []
+        for rank, index in slices:
+            a, b = np.asarray(mine[index], np.float64), np.asarray(theirs[index], np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ref = float(np.sqrt(np.sum(b * b)))
+                err = float(np.sqrt(np.sum((a - b) ** 2)))
+                errors.append((err / ref if ref > 0 else (0.0 if err == 0 else math.inf), rank))
+        worst = max(errors)
+        by_rank = ", ".join(f"rank {rank} {err:.3g}" for err, rank in errors)
+        return f"{where}; rel. L2 error by shard: {by_rank} (worst: rank {worst[1]})"
+    return ""
 
 
 def _nonfinite(trace: Trace, rows: np.ndarray) -> np.ndarray:
@@ -873,6 +956,7 @@ def _collect(table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: T
         (code["shape_mismatch"], table.step, m.m_pos, matched[table.shape_mismatch]),
         (code["dtype_mismatch"], table.step, m.m_pos, matched[table.dtype_mismatch]),
         (code["nonfinite"], table.step, m.m_pos, matched[table.nonfinite]),
+        (code["rank_mismatch"], table.step, m.m_pos, matched[table.rank_mismatch]),
         (code["drift"], table.step, m.m_pos, matched[table.failed]),
     ]
     kinds, steps, pos, refs = [], [], [], []
@@ -974,6 +1058,16 @@ class _FindingFactory:
 
 
 def _message(kind: str, row: LayerRow, table: _Table) -> str:
+    if kind == "rank_mismatch":
+        return _rank_notes(row, table, kind)
+    text = _plain_message(kind, row, table)
+    if kind == "drift" and (table.port.ranks is not None or table.upstream.ranks is not None):
+        note = _rank_notes(row, table, kind)
+        text += f"; {note}" if note else ""
+    return text
+
+
+def _plain_message(kind: str, row: LayerRow, table: _Table) -> str:
     if kind == "shape_mismatch":
         return f"shape {_fmt_shape(row.port_shape)} in the port vs {_fmt_shape(row.upstream_shape)} upstream"
     if kind == "dtype_mismatch":

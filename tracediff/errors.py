@@ -30,3 +30,7 @@ class SpecError(TracediffError):
 
 class DiffError(TracediffError):
     """Two traces cannot be compared (nothing aligned, no common step, bad tolerance)."""
+
+
+class MergeError(TracediffError):
+    """Per-rank traces cannot be merged (mixed runs, sides or world sizes; a bad shard-dim declaration)."""

@@ -51,6 +51,81 @@ class ModuleTable:
 
 
 
+#: What a rank-mismatch entry found different, see :class:`RankLayout`.
+MISMATCH_CHECKS = ("shape", "dtype", "nonfinite", "sum", "abs_sum", "sumsq", "min", "max", "sample", "full")
+
+
+@dataclass
+class RankLayout:
+    """How a merged trace's records were combined from per-rank traces (docs/distributed.md).
+
+    Attributes:
+        ranks: the ranks merged, ascending; ``shard_sizes`` columns follow this order.
+        world_size: the world size the ranks ran in.
+        shard_dim: per record, the dimension its shards were concatenated along,
+            ``-1`` when the tensor is replicated (or only one rank recorded it).
+        shard_sizes: ``(N, len(ranks))`` each rank's size along ``shard_dim`` (0 where
+            the rank has no shard or the record is replicated).
+        mismatch_record, mismatch_rank, mismatch_check, mismatch_value: one entry per
+            replicated record and rank whose copy differs from the lowest rank's:
+            the record, the rank, what differed (index into :data:`MISMATCH_CHECKS`)
+            and by how much (relative to the tensor's scale).
+        base_rank: per record, the rank whose values a replicated record carries.
+    """
+
+    ranks: list[int]
+    world_size: int
+    shard_dim: np.ndarray
+    shard_sizes: np.ndarray
+    base_rank: np.ndarray
+    mismatch_record: np.ndarray
+    mismatch_rank: np.ndarray
+    mismatch_check: np.ndarray
+    mismatch_value: np.ndarray
+
+    def mismatched(self, count: int) -> np.ndarray:
+        """Boolean per record (``count`` records): some rank's replicated copy differs."""
+        flags = np.zeros(count, dtype=bool)
+        flags[self.mismatch_record] = True
+        return flags
+
+    def describe_mismatch(self, record: int) -> str:
+        """One line naming the ranks whose copy of replicated record ``record`` differs."""
+        at = np.flatnonzero(self.mismatch_record == record)
+        if not len(at):
+            return ""
+        base = int(self.base_rank[record])
+        parts = []
+        for i in at[:4]:
+            check = MISMATCH_CHECKS[int(self.mismatch_check[i])]
+            value = float(self.mismatch_value[i])
+            how = check if check in ("shape", "dtype", "nonfinite") else f"{check} differs by {value:.3g} (relative)"
+            parts.append(f"rank {int(self.mismatch_rank[i])}: {how}")
+        more = f", and {len(at) - 4} more" if len(at) > 4 else ""
+        ranks = ", ".join(str(int(r)) for r in self.mismatch_rank[at])
+        return (
+            f"replicated tensor differs across ranks: rank{'s' if len(at) > 1 else ''} {ranks} "
+            f"disagree{'' if len(at) > 1 else 's'} with rank {base} ({'; '.join(parts)}{more}); "
+            f"the merged record holds rank {base}'s values"
+        )
+
+    def shard_slices(self, record: int, shape: tuple[int, ...]) -> list[tuple[int, tuple[slice, ...]]]:
+        """``(rank, index)`` of every rank's shard inside the merged tensor of ``record``; empty if replicated."""
+        dim = int(self.shard_dim[record])
+        if dim < 0:
+            return []
+        out = []
+        start = 0
+        for column, rank in enumerate(self.ranks):
+            size = int(self.shard_sizes[record, column])
+            if size <= 0:
+                continue
+            index = tuple(slice(start, start + size) if d == dim else slice(None) for d in range(len(shape)))
+            out.append((rank, index))
+            start += size
+        return out
+
+
 class ArrayLike(Protocol):
     def __getitem__(self, item: Any) -> Any: ...
 
@@ -98,6 +173,7 @@ class Trace:
         modules: module table of the traced model (may be empty for imports).
         records: the records.
         complete: False when the writer never closed the file (killed run).
+        ranks: how a merged trace's records combine the ranks' (None unless merged).
     """
 
     path: str
@@ -109,6 +185,8 @@ class Trace:
     samples: ArrayLike | None = None
     full_values: Mapping[int, ArrayLike] = field(default_factory=dict)
     _closer: Any = None
+    #: set on a trace merged from per-rank traces (:mod:`tracediff.merge`), else None
+    ranks: RankLayout | None = None
 
     # -- convenience -------------------------------------------------------
     @property

@@ -15,6 +15,8 @@ import numpy as np
 
 from tracediff.errors import TraceFormatError
 from tracediff.store.format import ENCODING_TYPE, FORMAT_VERSION, FULL_F32, FULL_F64, MAX_DIMS, RECORD_COLUMNS
+from tracediff.store.lock import holder
+from tracediff.store.ranks import read_rank_layout
 from tracediff.store.writer import COMMIT_FIELDS
 from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry, Records, Trace
 
@@ -36,6 +38,12 @@ def open_trace(path: str | Path) -> Trace:
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
+        writer = holder(path)
+        if writer is not None:  # HDF5 refuses to read a file another process has open for writing
+            who = f"process {writer}" if writer else "another process"
+            raise TraceFormatError(
+                f"{path}: still being written by {who}; it can be read once that run closes it or ends"
+            ) from None
         raise TraceFormatError(
             f"{path}: not a readable HDF5 file (truncated, damaged, or another format): {_short(exc)}"
         ) from None
@@ -102,6 +110,7 @@ def _read(path: Path, handle: h5py.File) -> Trace:
         samples=samples,
         full_values=full,
         _closer=handle.close,
+        ranks=read_rank_layout(handle, count),
     )
 
 
@@ -109,16 +118,18 @@ def _read_modules(handle: h5py.File) -> ModuleTable:
     names = [_text(v) for v in handle["modules/name"][()]]
     classes = [_text(v) for v in handle["modules/class"][()]]
     params = handle["params"]
-    module = params["module"][()]
-    shapes = params["shape"][()]
-    ndims = params["ndim"][()]
+    module = params["module"][()].tolist()
+    shapes = params["shape"][()].tolist()
+    ndims = params["ndim"][()].tolist()
+    # whole columns at once: one h5py read per element costs ~1 ms per parameter
+    pnames, kinds, dtypes = ([_text(v) for v in params[key][()]] for key in ("name", "kind", "dtype"))
     entries = [
         ParamEntry(
-            module_index=int(module[i]),
-            name=_text(params["name"][i]),
-            kind=_text(params["kind"][i]),
-            shape=tuple(int(d) for d in shapes[i, : int(ndims[i])]),
-            dtype=_text(params["dtype"][i]),
+            module_index=module[i],
+            name=pnames[i],
+            kind=kinds[i],
+            shape=tuple(shapes[i][: ndims[i]]),
+            dtype=dtypes[i],
         )
         for i in range(len(module))
     ]
