@@ -23,9 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tracediff.align_fingerprint import FingerprintIndex, find_fused
 from tracediff.align_mapfile import (
@@ -43,6 +41,9 @@ from tracediff.align_parammap import load_param_map, param_map_links, validate_p
 from tracediff.align_side import Side, common_ancestor, is_within, parent_name, side_from_model, side_from_trace
 from tracediff.alignment import SOURCES, Alignment, Group, Pair
 from tracediff.trace import Trace
+
+if TYPE_CHECKING:  # torch is imported only to trace or to align live models, never to read traces
+    from torch import nn
 
 __all__ = [
     "MappingSpec",
@@ -67,6 +68,7 @@ CONFIDENCE = {
     "fingerprint_converted": 0.85,
     "fingerprint_tie": 0.7,
     "container": 0.85,
+    "enclosing": 0.8,
 }
 ROOT = ""
 
@@ -231,7 +233,8 @@ def _apply_param_map(state: _State, param_map: Mapping[str, Any] | str | Path) -
         if state.up_partner.get(u) == p:
             continue
         if state.free_up(u) and state.free_port(p):
-            state.add_pair(u, p, "param_map", CONFIDENCE["param_map"])
+            if not _pair_enclosing(state, u, p, "param_map"):
+                state.add_pair(u, p, "param_map", CONFIDENCE["param_map"])
         elif state.free_up(u) and port_name == ROOT:
             state.add_group([u], [p], "param_map", f"{up_name}'s parameters live in the port's top-level module")
         elif state.free_port(p) and up_name == ROOT:
@@ -266,6 +269,8 @@ def _fingerprints(state: _State) -> None:
             continue
         how = candidates[p]
         key = "fingerprint" if how.exact else "fingerprint_converted"
+        if _pair_enclosing(state, u, p, "fingerprint"):
+            continue
         state.add_pair(u, p, "fingerprint", CONFIDENCE[key], how.detail)
     _fused(state, index)
     _containers(state)
@@ -408,6 +413,55 @@ def _weights_in_root(state: _State, index: FingerprintIndex) -> None:
             )
 
 
+def _pair_enclosing(state: _State, up_module: int, port_module: int, source: str) -> bool:
+    """Same weights, different outputs: pair the module that does more with the other's parent.
+
+    torchvision's ``nn.MultiheadAttention`` owns the fused in-projection that
+    timm keeps in ``attn.qkv``, but returns the attention's output, which timm's
+    ``attn`` (the parent of ``qkv``) returns. When the two modules' outputs hold
+    different numbers of elements and exactly one of them has a free,
+    parameter-free parent whose output has the other's shapes, that parent is
+    paired instead; the module inside it has no counterpart. Returns whether a
+    pair was made.
+    """
+    up, port = state.up, state.port
+    up_sig, port_sig = up.signature.get(up_module), port.signature.get(port_module)
+    if not up_sig or not port_sig or _elements(up_sig) == _elements(port_sig):
+        return False
+    found = []
+    for side, module, target, is_free in (
+        (up, up_module, port_sig, state.free_up),
+        (port, port_module, up_sig, state.free_port),
+    ):
+        parent = side.index.get(parent_name(side.names[module]))
+        if (
+            parent is not None
+            and side.names[parent] != ROOT
+            and is_free(parent)
+            and not side.owns_params(parent)
+            and side.signature.get(parent) == target
+        ):
+            found.append((parent, port_module) if side is up else (up_module, parent))
+    if len(found) != 1:
+        return False
+    u, p = found[0]
+    names = (up.names[up_module], port.names[port_module])
+    holder, inner = (names[1], names[0]) if u != up_module else names
+    state.add_pair(u, p, source, CONFIDENCE["enclosing"],
+                   f"{holder} holds the weights of {inner}, whose output differs; paired with {inner}'s parent")
+    return True
+
+
+def _elements(signature: tuple[tuple[int, ...], ...]) -> int:
+    total = 0
+    for shape in signature:
+        size = 1
+        for dim in shape:
+            size *= dim
+        total += size
+    return total
+
+
 # -- containers -------------------------------------------------------------------
 
 
@@ -500,6 +554,16 @@ def _structure(state: _State) -> None:
     (live models), only look-alikes under the same aligned parent are matched,
     by rank in definition order.
     """
+    # Pass-through layers (dropout in eval, Identity placeholders) are look-alikes of
+    # the layer before them; held back in a first round they cannot make a stretch
+    # ambiguous (timm's act, drop1, norm against one GELU elsewhere), then get their
+    # own round between the anchors the first one found.
+    if state.up.passthrough or state.port.passthrough:
+        _structure_round(state, hold_back=True)
+    _structure_round(state, hold_back=False)
+
+
+def _structure_round(state: _State, *, hold_back: bool) -> None:
     up, port = state.up, state.port
     use_exec = bool(up.exec_order) and bool(port.exec_order)
     what = "execution order and output shapes" if use_exec else "definition order and layer type"
@@ -511,6 +575,7 @@ def _structure(state: _State) -> None:
             and is_free(module)
             and module not in twins
             and (side.ran(module) or not use_exec)
+            and not (hold_back and module in side.passthrough)
         )
 
     def key(side: Side) -> Any:

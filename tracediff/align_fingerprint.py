@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from tracediff.align_side import Side, parent_name
-from tracediff.hooks.stats import sample_positions
 from tracediff.trace import FINGERPRINT_SAMPLE
 
 #: Relative tolerance when both tensors have the same dtype (reduction order only).
@@ -349,13 +348,13 @@ def _sample_agreement(parts_side: Side, perm: list[int], fused_side: Side, rows:
         part_rows = [_ordered_rows(parts_side, module)[k] for module in perm]
         numels = [math.prod(parts_side.table.params[r].shape) for r in part_rows]
         starts = np.cumsum([0, *numels])
-        positions = sample_positions(math.prod(whole.shape), FINGERPRINT_SAMPLE).tolist()
+        positions = _sample_positions(math.prod(whole.shape), FINGERPRINT_SAMPLE)
         values = fused_side.table.param_samples[row]
         rtol = SAME_DTYPE_RTOL if parts_side.table.params[part_rows[0]].dtype == whole.dtype else CROSS_DTYPE_RTOL
         for slot, flat in enumerate(positions):
             which = int(np.searchsorted(starts, flat, side="right")) - 1
             local = flat - int(starts[which])
-            part_positions = sample_positions(numels[which], FINGERPRINT_SAMPLE).tolist()
+            part_positions = _sample_positions(numels[which], FINGERPRINT_SAMPLE)
             if local not in part_positions:
                 continue
             expected = parts_side.table.param_samples[part_rows[which]][part_positions.index(local)]
@@ -371,3 +370,10 @@ def _join(*parts: str) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape)) or "()"
+
+
+def _sample_positions(numel: int, size: int) -> list[int]:
+    """:func:`tracediff.hooks.stats.sample_positions` without torch (reading traces never imports it)."""
+    if numel <= size:
+        return list(range(numel))
+    return [i * numel // size for i in range(size)]

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
-from tracediff.hooks.fingerprint import build_module_table
 from tracediff.trace import ModuleTable, Trace
+
+if TYPE_CHECKING:  # torch is imported only for live models, never to read traces
+    from torch import nn
 
 
 @dataclass
@@ -36,6 +38,9 @@ class Side:
             traced step (completion order); empty for live models.
         signature: module index -> output shapes of its first call; empty for live models.
         descendants: module name -> names strictly below it in the module tree.
+        passthrough: leaf modules whose only output, in their first call, equals the
+            record completed just before it (dropout in eval, ``Identity``): they pass a
+            tensor on unchanged, so they are no evidence of structure. Empty for live models.
     """
 
     label: str
@@ -46,6 +51,7 @@ class Side:
     exec_order: dict[int, int] = field(default_factory=dict)
     signature: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     descendants: dict[str, list[str]] = field(default_factory=dict)
+    passthrough: set[int] = field(default_factory=set)
 
     @property
     def names(self) -> list[str]:
@@ -87,11 +93,51 @@ def side_from_trace(trace: Trace, label: str) -> Side:
         if 0 <= module < len(table.names) and not records.label_of(row).startswith("input"):
             shapes[module].append(records.shape_of(row))
     side.signature = {module: tuple(found) for module, found in shapes.items()}
+    side.passthrough = _passthrough(trace, rows, side)
     return side
+
+
+def _passthrough(trace: Trace, rows: np.ndarray, side: Side) -> set[int]:
+    """Leaf modules whose single first-call output equals the previous record's (same shape and moments).
+
+    Records are written when a module returns, so the record just before a
+    dropout's or an ``Identity``'s is the one of the module that produced its
+    input. Moments that were not recorded (NaN) never compare equal.
+    """
+    cols = trace.records.columns
+    records = trace.records
+    ordered = rows[np.argsort(cols["seq"][rows], kind="stable")]
+    moments = np.stack([np.asarray(cols[name][ordered], dtype=np.float64) for name in _MOMENTS], axis=1)
+    outputs: dict[int, int] = defaultdict(int)
+    for row in ordered.tolist():
+        if cols["call"][row] == 0 and not records.label_of(row).startswith("input"):
+            outputs[int(cols["module"][row])] += 1
+    found: set[int] = set()
+    for i in range(1, len(ordered)):
+        row, previous = int(ordered[i]), int(ordered[i - 1])
+        module = int(cols["module"][row])
+        if (
+            not 0 <= module < len(side.names)
+            or outputs.get(module) != 1
+            or cols["call"][row] != 0
+            or side.descendants.get(side.names[module])
+            or int(cols["module"][previous]) == module
+            or records.label_of(row).startswith("input")
+            or records.shape_of(row) != records.shape_of(previous)
+        ):
+            continue
+        if np.array_equal(moments[i], moments[i - 1]):  # NaN (not recorded) is never equal
+            found.add(module)
+    return found
+
+
+_MOMENTS = ("numel", "sum", "abs_sum", "sumsq", "min", "max")
 
 
 def side_from_model(model: nn.Module, label: str) -> Side:
     """Build a :class:`Side` from a live model (no forward pass: definition order only)."""
+    from tracediff.hooks.fingerprint import build_module_table
+
     table = build_module_table(model)
     modules = dict(model.named_modules())
     kinds = [_torch_base(type(modules[name])) for name in table.names]
