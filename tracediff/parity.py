@@ -68,6 +68,8 @@ class Diagnosis:
     out_dir: Path
     analysis: Analysis | None = None
     error: str | None = None
+    #: the drill-down's report (``--tracediff=bisect`` only)
+    bisection: str | None = None
 
     def section(self) -> str:
         """The text appended to a failing test's output."""
@@ -76,6 +78,8 @@ class Diagnosis:
                     f"(the test's own failure above is unaffected; artifacts, if any: {self.out_dir})")
         lines = [self.analysis.text().rstrip(), f"tracediff artifacts: {self.out_dir}/ "
                  "(upstream.h5, port.h5, report.json, report.html)"]
+        if self.bisection:
+            lines.append(self.bisection.rstrip())
         return "\n".join(lines)
 
 
@@ -111,11 +115,18 @@ def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
         config = TraceConfig(layers=settings.layers, stats=settings.stats, layers_source="--tracediff-layers")
         sides = (("upstream", pair.upstream, pair.upstream_call), ("port", pair.port, pair.port_call))
         for side, model, call in sides:
+            # The diagnosis folder belongs to this test: a re-run replaces its traces on purpose.
             trace_model(model, side=side, steps=[clone_inputs(pair.inputs)], output=out_dir / f"{side}.h5",
-                        config=config, call=call)
+                        config=config, call=call, overwrite=True)
         analysis = analyse(out_dir / "upstream.h5", out_dir / "port.h5", mapping=pair.mapping,
-                           param_map=pair.param_map, tolerance=pair.tolerance, out_dir=out_dir)
-        return Diagnosis(out_dir=out_dir, analysis=analysis)
+                           param_map=pair.param_map, tolerance=pair.tolerance, out_dir=out_dir,
+                           models=(pair.upstream, pair.port))  # weights compared exactly, not by fingerprint
+        diagnosis = Diagnosis(out_dir=out_dir, analysis=analysis)
+        if settings.mode == "bisect":
+            from tracediff.bisect.integrate import bisect_pair
+
+            diagnosis.bisection = bisect_pair(pair, out_dir)
+        return diagnosis
     except Exception as exc:  # the diagnosis must never hide the test's own failure
         return Diagnosis(out_dir=out_dir, error=f"{type(exc).__name__}: {exc}")
 

@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--isolate-sides", action="store_true", help="trace each side in its own Python process")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the terminal view")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress display")
+    parser.add_argument("--bisect", action="store_true",
+                        help="after the report, drill down to the module and operator that add the error "
+                             "(teacher forcing, both models in memory; see docs/bisection.md)")
     parser.add_argument("--side", help="script mode: name of the side the command's models are traced as")
     parser.add_argument("--model-class", metavar="REGEX",
                         help="script mode: trace only top-level models whose class name matches")
@@ -67,8 +70,13 @@ def run(args: argparse.Namespace) -> int:
     out_dir = _out_dir(args)
     from tracediff.session import run_session
 
-    return run_session(spec, out_dir, isolate_sides=args.isolate_sides, as_json=args.json,
+    code = run_session(spec, out_dir, isolate_sides=args.isolate_sides, as_json=args.json,
                        progress=not args.no_progress, force=args.force)
+    if args.bisect:
+        from tracediff.bisect.integrate import bisect_after_run
+
+        code = max(code, bisect_after_run(spec, out_dir, as_json=args.json, stream=sys.stdout))
+    return code
 
 
 def _spec_from_args(args: argparse.Namespace) -> RunSpec:

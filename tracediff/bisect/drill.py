@@ -1,0 +1,442 @@
+"""Automatic drill-down: from the top-level blocks to the module, and the operator, that adds the error.
+
+Each level isolates only its own modules (teacher forcing, see
+:mod:`tracediff.bisect.isolate`): the top level is the model's blocks and the
+aligned modules around them; the next level is the aligned children of the
+first module that adds error, with every module already ruled out kept forced to
+the upstream's output so the culprit's children see exactly the reference's
+inputs. The drill stops at a module with no aligned children, or at a module
+whose children are all clean (the bug is in its own forward code), where the
+operator-level trace (:mod:`tracediff.bisect.ops`) takes over.
+
+Only the first step that drifts at the top level is drilled into, and each
+level hooks only its own modules: a level costs three forward passes (upstream
+reference, forced port, free port) plus two with noise-floor calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from tracediff.alignment import Alignment
+from tracediff.bisect.isolate import CallFn, Pass, Transform, _Hooks, _incompatible, resolve_transforms, run_pass
+from tracediff.bisect.metrics import Metrics, combine, compare
+from tracediff.bisect.noise import (
+    DEFAULT_NOISE_FACTOR,
+    compute_dtype,
+    floor_minimum,
+    noise_ratio,
+    precise_copy,
+    precise_inputs,
+    reference_dtype,
+)
+from tracediff.bisect.ops import is_builtin, module_settings, operator_level
+from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding
+from tracediff.bisect.tree import ROOT, frontier, is_within, snapshot, tensor_leaves, top_level
+from tracediff.errors import TracediffError
+from tracediff.runner import clone_inputs, default_call
+from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
+
+
+class BisectError(TracediffError):
+    """Bisection cannot run: nothing aligned, no inputs, a step out of range."""
+
+
+def bisect_models(
+    upstream: nn.Module,
+    port: nn.Module,
+    inputs: Any = None,
+    *,
+    step_inputs: Sequence[Any] | None = None,
+    step: int | None = None,
+    alignment: Alignment | None = None,
+    mapping: Any = None,
+    param_map: Any = None,
+    tolerance: Tolerance | str | None = None,
+    call: CallFn | None = None,
+    upstream_call: CallFn | None = None,
+    port_call: CallFn | None = None,
+    transforms: Mapping[str, Transform] | None = None,
+    noise_floor: bool = False,
+    noise_factor: float = DEFAULT_NOISE_FACTOR,
+    operators: bool = True,
+    max_depth: int | None = None,
+) -> BisectResult:
+    """Find the module (and operator) where the port first adds error, by teacher forcing and drill-down.
+
+    Args:
+        upstream: the reference model.
+        port: the model under test (same weights).
+        inputs: one step's inputs (``model(**inputs)`` for a mapping, see ``call``).
+        step_inputs: the inputs of several steps instead; the first step whose
+            top level drifts is drilled into.
+        step: bisect only this index of ``step_inputs``.
+        alignment: which upstream module is which port module; default
+            :func:`tracediff.align.align_models` with ``mapping`` and ``param_map``.
+        mapping, param_map: passed to the aligner when ``alignment`` is not given.
+        tolerance: what local errors are held to (a :class:`Tolerance` or a preset name).
+        call: ``call(model, inputs)`` for both sides; ``upstream_call``/``port_call`` per side.
+        transforms: port module name (or regex) -> function turning the upstream
+            module's output into the port's layout, for modules that differ in layout.
+        noise_floor: calibrate each module's noise floor against a higher-precision
+            upstream and judge local errors as multiples of it (see :mod:`tracediff.bisect.noise`).
+        noise_factor: how many times its floor a module may add before it drifts.
+        operators: trace operators inside the culprit when it drifts on its own.
+        max_depth: stop drilling after this many levels below the top.
+
+    Returns:
+        A :class:`BisectResult`, truthy when no module adds error and the outputs agree.
+
+    Raises:
+        BisectError: no inputs, a bad step, or nothing aligned to isolate.
+    """
+    if (inputs is None) == (step_inputs is None):
+        raise BisectError("give the inputs of one step (inputs=...) or of several (step_inputs=[...]), not both")
+    all_inputs = list(step_inputs) if step_inputs is not None else [inputs]
+    if not all_inputs:
+        raise BisectError("step_inputs is empty: nothing to run")
+    if step is not None and not 0 <= step < len(all_inputs):
+        raise BisectError(f"step {step} is out of range: {len(all_inputs)} step input(s) given")
+    if alignment is None:
+        from tracediff.align import align_models
+
+        alignment = align_models(upstream, port, mapping=mapping, param_map=param_map)
+    session = _Session(
+        upstream, port, alignment, _tolerance(tolerance),
+        upstream_call=upstream_call or call, port_call=port_call or call,
+        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor,
+    )
+    steps = [step] if step is not None else list(range(len(all_inputs)))
+    return session.bisect(all_inputs, steps, operators=operators, max_depth=max_depth)
+
+
+def isolate_models(
+    upstream: nn.Module,
+    port: nn.Module,
+    inputs: Any,
+    *,
+    modules: Sequence[str] | None = None,
+    alignment: Alignment | None = None,
+    mapping: Any = None,
+    param_map: Any = None,
+    tolerance: Tolerance | str | None = None,
+    call: CallFn | None = None,
+    upstream_call: CallFn | None = None,
+    port_call: CallFn | None = None,
+    transforms: Mapping[str, Transform] | None = None,
+    noise_floor: bool = False,
+    noise_factor: float = DEFAULT_NOISE_FACTOR,
+) -> Level:
+    """Local, accumulated and amplification figures of one level of modules, in one step.
+
+    Args:
+        modules: port module names to isolate (none may contain another); default
+            the top level (the blocks and the aligned modules around them).
+        Others: as for :func:`bisect_models`.
+
+    Returns:
+        The :class:`Level` (``depth`` 0, ``culprit`` the first module that adds error).
+    """
+    if alignment is None:
+        from tracediff.align import align_models
+
+        alignment = align_models(upstream, port, mapping=mapping, param_map=param_map)
+    session = _Session(
+        upstream, port, alignment, _tolerance(tolerance),
+        upstream_call=upstream_call or call, port_call=port_call or call,
+        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor,
+    )
+    names = list(modules) if modules is not None else session.top_level()
+    unknown = [name for name in names if name not in session.aligned]
+    if unknown:
+        raise BisectError(f"cannot isolate {unknown[0]!r}: it is not an aligned port module "
+                          f"({len(session.aligned)} aligned modules, e.g. {', '.join(list(session.aligned)[:3])})")
+    measured = session.measure(inputs, 0, names, [])
+    return measured.level(0, ROOT, "", session.passes)
+
+
+def _tolerance(tolerance: Tolerance | str | None) -> Tolerance:
+    if tolerance is None:
+        return PRESETS[DEFAULT_PRESET]
+    return preset(tolerance) if isinstance(tolerance, str) else tolerance
+
+
+@dataclass
+class _Measured:
+    """One level measured in one step, with what the operator level may need later."""
+
+    errors: list[ModuleError]
+    output: Metrics | None
+    output_problem: str
+    reference: Pass
+    forced: Pass
+    output_floor: Metrics | None = None
+
+    def culprit(self) -> ModuleError | None:
+        return next((e for e in self.errors if e.drifts), None)
+
+    def level(self, depth: int, parent: str, parent_upstream: str, passes: int) -> Level:
+        errors = self.errors
+        return Level(depth, parent, parent_upstream, errors[0].step if errors else 0, errors, self.culprit(), passes)
+
+
+class _Session:
+    """Both models, their alignment and settings, and the forward-pass count."""
+
+    def __init__(
+        self,
+        upstream: nn.Module,
+        port: nn.Module,
+        alignment: Alignment,
+        tolerance: Tolerance,
+        *,
+        upstream_call: CallFn | None,
+        port_call: CallFn | None,
+        transforms: Mapping[str, Transform] | None,
+        noise_floor: bool,
+        noise_factor: float,
+    ) -> None:
+        self.upstream, self.port = upstream, port
+        self.up_modules = dict(upstream.named_modules())
+        self.port_modules = dict(port.named_modules())
+        self.aligned = {
+            pair.port: pair.upstream for pair in alignment.pairs
+            if pair.port != ROOT and pair.upstream != ROOT
+            and pair.port in self.port_modules and pair.upstream in self.up_modules
+        }
+        if not self.aligned:
+            raise BisectError("nothing to isolate: no port module is aligned with an upstream module "
+                              "(give a mapping or a param_map)")
+        self.tolerance = tolerance
+        self.up_call: CallFn = upstream_call or (lambda m, x: default_call(m, x))
+        self.port_call: CallFn = port_call or (lambda m, x: default_call(m, x))
+        self.transforms = resolve_transforms(transforms, self.aligned)
+        self.noise_floor = noise_floor
+        self.noise_factor = noise_factor
+        self.dtype = compute_dtype(upstream)
+        self._precise: nn.Module | None = None
+        self._output_floor: Metrics | None = None
+        self.passes = 0
+        self.module_calls = 0
+
+    def top_level(self) -> list[str]:
+        return top_level(self.port_modules, self.aligned)
+
+    def tol(self, port_name: str) -> Tolerance:
+        return self.tolerance.for_module(port_name, self.aligned.get(port_name))
+
+    # -- one level ---------------------------------------------------------------------------------
+
+    def measure(self, inputs: Any, step: int, level: list[str], forced_extra: list[str]) -> _Measured:
+        """Isolate ``level``'s modules with ``forced_extra`` also forced; free pass for accumulated error."""
+        counterpart = {name: self.aligned[name] for name in (*level, *forced_extra)}
+        up_level = [counterpart[name] for name in level]
+        up_all = list(dict.fromkeys(counterpart.values()))
+        reference = run_pass(self.upstream, self.up_call, clone_inputs(inputs),
+                             _Hooks(self.upstream, record=up_all, capture_inputs=up_level))
+        forced = run_pass(self.port, self.port_call, clone_inputs(inputs), _Hooks(
+            self.port, reference=reference.calls, measure=level, force=[*level, *forced_extra],
+            force_inputs=level, capture_inputs=level, counterpart=counterpart, transforms=self.transforms,
+            tolerance=self.tol))
+        free = run_pass(self.port, self.port_call, clone_inputs(inputs), _Hooks(
+            self.port, reference=reference.calls, measure=level, counterpart=counterpart,
+            transforms=self.transforms, tolerance=self.tol))
+        self.passes += 3
+        noise, precise = self._noise(inputs, up_level, up_all) if self.noise_floor else (None, None)
+        errors = []
+        for name in level:
+            upstream = counterpart[name]
+            for call, record in enumerate(forced.calls.get(name, [])):
+                free_calls = free.calls.get(name, [])
+                acc = free_calls[call].local if call < len(free_calls) else None
+                floor = None
+                if noise is not None:
+                    noise_calls = noise.calls.get(upstream, [])
+                    floor = noise_calls[call].local if call < len(noise_calls) else None
+                errors.append(self._module_error(name, upstream, step, call, record, acc, floor))
+        errors.sort(key=lambda e: e.order)
+        output, problem = self._output(free, reference)
+        # The model output's own floor: the upstream's free pass against the higher-precision one.
+        floor = self._output(reference, precise)[0] if precise is not None else None
+        return _Measured(errors, output, problem, reference, forced, floor)
+
+    def _module_error(self, name: str, upstream: str, step: int, call: int, record: Any,
+                      accumulated: Metrics | None, floor: Metrics | None) -> ModuleError:
+        local = record.local
+        reason = record.reason if local is None else ""
+        ratio = None
+        if local is None:
+            drifts = False
+            reason = reason or "its output could not be compared"
+        elif self.noise_floor:
+            ratio = noise_ratio(local.rel_l2, floor.rel_l2 if floor else None, self.dtype)
+            drifts = ratio > self.noise_factor
+        else:
+            drifts = local.failed
+        return ModuleError(
+            port=name, upstream=upstream, step=step, call=call, order=record.seq, local=local,
+            accumulated=accumulated, noise=floor, reason=reason, inputs_forced=record.inputs_forced,
+            input_drift=record.input_drift, transformed=name in self.transforms, drifts=drifts, noise_ratio=ratio,
+        )
+
+    def _noise(self, inputs: Any, up_level: list[str], up_all: list[str]) -> tuple[Pass, Pass]:
+        """The upstream against a higher-precision copy of itself, forced the same way; and that copy's pass."""
+        precise_dtype = reference_dtype(self.dtype)
+        if self._precise is None:
+            self._precise = precise_copy(self.upstream, precise_dtype)
+        reference = run_pass(self._precise, self.up_call, precise_inputs(inputs, precise_dtype),
+                             _Hooks(self._precise, record=up_all, capture_inputs=up_level))
+        measured = run_pass(self.upstream, self.up_call, clone_inputs(inputs), _Hooks(
+            self.upstream, reference=reference.calls, measure=up_level, force=up_all, force_inputs=up_level,
+            tolerance=lambda name: self.tolerance.for_module(None, name)))
+        self.passes += 2
+        return measured, reference
+
+    def _output_drifts(self, measured: _Measured) -> bool:
+        """Outputs break tolerance; with calibration, they exceed ``noise_factor`` times their own floor."""
+        output = measured.output
+        if output is None:
+            return False
+        if not self.noise_floor:
+            return output.failed
+        floor = measured.output_floor.rel_l2 if measured.output_floor is not None else None
+        return noise_ratio(output.rel_l2, floor, self.dtype) > self.noise_factor
+
+    def _output(self, free: Pass, reference: Pass) -> tuple[Metrics | None, str]:
+        own, theirs = list(tensor_leaves(free.output)), list(tensor_leaves(reference.output))
+        problem = _incompatible(theirs, own)
+        if problem:
+            return None, problem
+        tol = self.tolerance.for_module(ROOT, ROOT)
+        return combine([compare(o, t, tol) for o, t in zip(own, theirs, strict=True)]), ""
+
+    # -- the drill ----------------------------------------------------------------------------------
+
+    def bisect(self, all_inputs: list[Any], steps: list[int], *, operators: bool,
+               max_depth: int | None) -> BisectResult:
+        level_names = self.top_level()
+        notes: list[str] = []
+        measured: _Measured | None = None
+        checked = 0
+        for step in steps:
+            measured = self.measure(all_inputs[step], step, level_names, [])
+            checked += 1
+            if measured.culprit() is not None or self._output_drifts(measured):
+                break
+        assert measured is not None
+        measured_top = measured
+        step = steps[checked - 1]
+        inputs = all_inputs[step]
+        output, output_problem = measured.output, measured.output_problem
+        if output_problem:
+            notes.append(f"model outputs not compared: {output_problem}")
+        path: list[Level] = []
+        parent, parent_up = ROOT, ROOT
+        parent_measured: _Measured | None = None
+        parent_error: ModuleError | None = None
+        forced_extra: list[str] = []
+        passes_before = 0
+        depth = 0
+        while True:
+            level = measured.level(depth, parent, parent_up, self.passes - passes_before)
+            passes_before = self.passes
+            path.append(level)
+            _note_unisolatable(level, notes)
+            culprit = level.culprit
+            if culprit is None:
+                break
+            children = frontier(self.port_modules, self.aligned, culprit.port)
+            if not children or (max_depth is not None and depth >= max_depth):
+                parent_measured, parent_error = measured, culprit
+                parent, parent_up = culprit.port, culprit.upstream
+                break
+            forced_extra = [*forced_extra, *(name for name in level_names if name != culprit.port)]
+            parent_measured, parent_error = measured, culprit
+            parent, parent_up = culprit.port, culprit.upstream
+            level_names, depth = children, depth + 1
+            measured = self.measure(inputs, step, level_names, forced_extra)
+
+        output_drifts = self._output_drifts(measured_top)
+        self._output_floor = measured_top.output_floor
+        if parent_error is None and not output_drifts:
+            return self._result(path, None, None, None, output, False, step, checked, notes)
+        if parent_error is None:
+            notes.append("the model outputs differ but no isolatable top-level module adds error: the difference "
+                         "is in the model's own forward code, or in modules that are unaligned or not isolatable "
+                         "(the operator level below compares their outputs too)")
+        finding = None
+        if operators:
+            finding = self._operators(parent_error, parent_measured, inputs)
+        return self._result(path, parent, parent_up, parent_error, output, output_drifts, step, checked, notes,
+                            finding)
+
+    def _operators(self, culprit: ModuleError | None, measured: _Measured | None, inputs: Any) -> OpFinding | None:
+        port_name = culprit.port if culprit else ROOT
+        up_name = culprit.upstream if culprit else ROOT
+        port_module, up_module = self.port_modules[port_name], self.up_modules[up_name]
+        if culprit is not None and is_builtin(port_module) and is_builtin(up_module):
+            return OpFinding(
+                module=port_name, upstream_module=up_name, settings=module_settings(port_module, up_module),
+                note=f"{type(port_module).__name__} and {type(up_module).__name__} are torch.nn layers used as "
+                     "they are: compare their settings")
+        port_keys = _child_keys(self.port_modules, port_name, self.aligned)
+        up_keys = _child_keys(self.up_modules, up_name, {u: u for u in self.aligned.values()})
+        tol = self.tol(port_name)
+        if self.noise_floor:  # operators of a low-precision run differ by round-off: allow a few epsilons
+            eps = 4 * floor_minimum(self.dtype)
+            tol = replace(tol, atol=max(tol.atol, eps), rtol=max(tol.rtol, eps))
+        if culprit is None or measured is None:
+            # The model itself: run it whole, through the user's call functions.
+            def port_call(m: nn.Module, a: Any, k: Any) -> Any:
+                return self.port_call(m, clone_inputs(inputs))
+
+            def up_call(m: nn.Module, a: Any, k: Any) -> Any:
+                return self.up_call(m, clone_inputs(inputs))
+
+            self.module_calls += 2
+            return operator_level(port_module, up_module, ((), {}), ((), {}), tol, port_name=port_name,
+                                  upstream_name=up_name, port_keys=port_keys, upstream_keys=up_keys,
+                                  port_call=port_call, upstream_call=up_call)
+        port_calls = measured.forced.calls.get(port_name, [])
+        up_calls = measured.reference.calls.get(up_name, [])
+        call = culprit.call
+        if call >= len(port_calls) or call >= len(up_calls) or port_calls[call].inputs is None \
+                or up_calls[call].inputs is None:
+            return OpFinding(module=port_name, upstream_module=up_name, note="the module's inputs were not captured")
+        self.module_calls += 2
+        return operator_level(port_module, up_module, snapshot(port_calls[call].inputs),
+                              snapshot(up_calls[call].inputs), tol, port_name=port_name, upstream_name=up_name,
+                              port_keys=port_keys, upstream_keys=up_keys)
+
+    def _result(self, path: list[Level], culprit: str | None, culprit_up: str | None, error: ModuleError | None,
+                output: Metrics | None, output_drifts: bool, step: int, checked: int, notes: list[str],
+                finding: OpFinding | None = None) -> BisectResult:
+        return BisectResult(
+            tolerance=self.tolerance, path=path, culprit=culprit, culprit_upstream=culprit_up, culprit_error=error,
+            operator=finding, output=output, output_drifts=output_drifts, step=step, steps_checked=checked,
+            forward_passes=self.passes, module_calls=self.module_calls, noise_floor=self.noise_floor,
+            noise_factor=self.noise_factor, notes=notes, output_floor=self._output_floor,
+        )
+
+
+def _child_keys(modules: Mapping[str, nn.Module], parent: str, keys: Mapping[str, str]) -> dict[str, str]:
+    """Descendants of ``parent`` that have a counterpart, by name relative to ``parent``, with a shared key."""
+    prefix = f"{parent}." if parent else ""
+    return {name[len(prefix):]: keys[name] for name in modules if is_within(name, parent) and name in keys}
+
+
+def _note_unisolatable(level: Level, notes: list[str]) -> None:
+    skipped = [m for m in level.modules if not m.isolatable]
+    if skipped:
+        first = skipped[0]
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        notes.append(f"not isolatable at depth {level.depth}: {first.port} (upstream {first.upstream}): "
+                     f"{first.reason}{more}")
+
+
+__all__ = ["BisectError", "bisect_models", "isolate_models"]
+

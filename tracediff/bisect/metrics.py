@@ -1,0 +1,118 @@
+"""The differ's element check, on live tensors.
+
+:mod:`tracediff.diff` compares recorded elements with numpy; bisection compares
+tensors that are still on the model's device, often far too large to copy to
+the host. This is the same check written with torch, so a module's local error
+means exactly what a drift in the first-drift report means:
+
+* ``ratio``: ``max |port - ref| / (atol + rtol * |ref|)`` over the elements
+  (``> 1`` breaks tolerance; a zero limit makes any difference infinite);
+* ``rel_l2``: ``||port - ref|| / ||ref||``; ``max_abs``: the largest ``|port - ref|``;
+* ``cosine`` similarity; non-finite elements count as infinitely wrong unless
+  both sides hold the same non-finite value.
+
+``tests/test_bisect_units.py`` checks it against the differ's own numpy code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tracediff.tolerance import Tolerance
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How far one port tensor is from its reference, under one tolerance.
+
+    Attributes:
+        ratio: worst element's ``|port - ref| / (atol + rtol * |ref|)``; > 1 fails.
+        rel_l2: relative L2 error (``inf`` when the reference is zero and the port is not).
+        max_abs: largest absolute element error.
+        cosine: cosine similarity of the flattened tensors.
+        numel: elements compared.
+    """
+
+    ratio: float
+    rel_l2: float
+    max_abs: float
+    cosine: float
+    numel: int
+
+    @property
+    def failed(self) -> bool:
+        return self.ratio > 1.0
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "ratio": _clean(self.ratio),
+            "rel_l2": _clean(self.rel_l2),
+            "max_abs": _clean(self.max_abs),
+            "cosine": _clean(self.cosine),
+            "numel": self.numel,
+        }
+
+
+ZERO = Metrics(0.0, 0.0, 0.0, 1.0, 0)
+
+
+def compare(port: torch.Tensor, ref: torch.Tensor, tolerance: Tolerance) -> Metrics:
+    """Compare two tensors of the same shape element by element (in float64, on ``ref``'s device).
+
+    Complex tensors are compared as their real and imaginary parts.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if port.shape != ref.shape:
+        raise ValueError(f"cannot compare shape {tuple(port.shape)} with {tuple(ref.shape)}")
+    a, b = _as_real(port).to(device=ref.device), _as_real(ref)
+    if a.numel() == 0:
+        return ZERO
+    a, b = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    same = ~finite & ((a == b) | (torch.isnan(a) & torch.isnan(b)))
+    diff = torch.where(finite, (a - b).abs(), torch.where(same, 0.0, math.inf))
+    allowed = tolerance.atol + tolerance.rtol * torch.where(torch.isfinite(b), b.abs(), 0.0)
+    el_ratio = torch.where(allowed > 0, diff / allowed.clamp_min(1e-300), torch.where(diff > 0, math.inf, 0.0))
+    af, bf = torch.where(finite, a, 0.0), torch.where(finite, b, 0.0)
+    d2 = float(((af - bf) ** 2).sum())
+    a2, b2, ab = float((af * af).sum()), float((bf * bf).sum()), float((af * bf).sum())
+    broken = bool((~finite & ~same).any())
+    if broken:
+        rel_l2, cosine = math.inf, math.nan
+    else:
+        rel_l2 = math.sqrt(d2 / b2) if b2 > 0 else (math.inf if d2 > 0 else 0.0)
+        if a2 > 0 and b2 > 0:
+            cosine = max(-1.0, min(1.0, ab / math.sqrt(a2 * b2)))
+        else:
+            cosine = 1.0 if a2 == 0 and b2 == 0 else 0.0
+    return Metrics(float(el_ratio.max()), rel_l2, float(diff.max()), cosine, int(a.numel()))
+
+
+def combine(items: list[Metrics]) -> Metrics:
+    """One figure for several tensors of one output: the worst of each metric."""
+    if not items:
+        return ZERO
+    if len(items) == 1:
+        return items[0]
+    return Metrics(
+        max(m.ratio for m in items),
+        max(m.rel_l2 for m in items),
+        max(m.max_abs for m in items),
+        min(m.cosine for m in items),
+        sum(m.numel for m in items),
+    )
+
+
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _clean(value: float) -> float | None:
+    """JSON has no NaN or Infinity; like the first-drift report, they become ``null``."""
+    return float(value) if math.isfinite(value) else None

@@ -1,0 +1,72 @@
+"""Bisect a run spec: build both sides as ``tracediff run`` does, then drill down in-process.
+
+Unlike ``run``, bisection needs both models in memory at once (the port is fed
+the upstream's outputs), so ``--isolate-sides`` has no equivalent here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tracediff.bisect.drill import bisect_models
+from tracediff.bisect.isolate import Transform
+from tracediff.bisect.noise import DEFAULT_NOISE_FACTOR, compute_dtype
+from tracediff.bisect.result import BisectResult
+from tracediff.spec import RunSpec
+from tracediff.tolerance import Tolerance
+
+
+def bisect_spec(
+    spec: RunSpec,
+    *,
+    step: int | None = None,
+    tolerance: Tolerance | str | None = None,
+    noise_floor: bool = False,
+    noise_factor: float = DEFAULT_NOISE_FACTOR,
+    transforms: dict[str, Transform] | None = None,
+    max_depth: int | None = None,
+) -> BisectResult:
+    """Build both sides of ``spec``, make the inputs of its steps, and bisect.
+
+    Args:
+        spec: a validated run spec.
+        step: bisect only this step (default: the first step whose top level drifts).
+        tolerance: overrides the spec's ``[tolerance]``.
+        noise_floor, noise_factor, transforms, max_depth: see :func:`tracediff.bisect.bisect_models`.
+
+    Raises:
+        SpecError: a side cannot be built or called, a step out of range.
+        BisectError: nothing aligned.
+    """
+    from tracediff.analysis import _relative, tolerance_from
+    from tracediff.errors import SpecError
+    from tracediff.runner import _caller, _placement, build_model, clone_inputs, make_inputs
+
+    if step is not None and not 0 <= step < spec.steps:
+        raise SpecError(f"--step {step} is out of range: the spec runs {spec.steps} step(s) (0..{spec.steps - 1})")
+    models: dict[str, Any] = {}
+    calls: dict[str, Any] = {}
+    placements: dict[str, Any] = {}
+    for side in ("upstream", "port"):
+        side_spec = spec.side(side)
+        device, dtype = _placement(spec, side_spec)
+        placements[side] = (device, dtype)
+        models[side] = build_model(spec, side_spec, device=device, dtype=dtype)
+        calls[side] = _caller(spec, side_spec)
+    device, dtype = placements["port"]
+    step_inputs = [clone_inputs(make_inputs(spec, index), device=device, dtype=dtype) for index in range(spec.steps)]
+    up_device, up_dtype = placements["upstream"]
+
+    def upstream_call(model: Any, inputs: Any) -> Any:
+        # Cast to the model's own dtype, not the spec's: the noise-floor copy runs in higher precision.
+        cast = compute_dtype(model) if up_dtype is not None else None
+        return calls["upstream"](model, clone_inputs(inputs, device=up_device, dtype=cast))
+
+    return bisect_models(
+        models["upstream"], models["port"], step_inputs=step_inputs, step=step,
+        mapping=_relative(spec.map, spec.base_dir), param_map=_relative(spec.param_map, spec.base_dir),
+        tolerance=tolerance if tolerance is not None else tolerance_from(
+            preset_name=spec.preset, atol=spec.atol, rtol=spec.rtol),
+        upstream_call=upstream_call, port_call=calls["port"],
+        noise_floor=noise_floor, noise_factor=noise_factor, transforms=transforms, max_depth=max_depth,
+    )

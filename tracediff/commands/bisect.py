@@ -1,0 +1,103 @@
+"""``tracediff bisect``: the module, and the operator, where the port first adds error.
+
+Two forms:
+  ``tracediff bisect SPEC.toml [flags]``   a run spec (as for ``tracediff run``); every spec field is also a flag
+  ``tracediff bisect --demo BUG``          the built-in demo with one planted bug
+
+Both models are loaded at once. Each aligned module is fed the upstream's own
+inputs (teacher forcing) so its error is purely its own; the drill starts at the
+top-level blocks and descends into the first module that adds error, down to a
+leaf module or to the operator inside a module whose children are all clean.
+
+Exit codes: 0 nothing adds error, 1 a culprit (or differing outputs) found, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tracediff.spec import FIELDS
+
+DEMO_BUGS = ("clean", "gelu_tanh", "ln_eps", "rope_sign", "residual_scale")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bisect",
+        help="find the module and operator where the port first adds error (teacher forcing + drill-down)",
+        description=__doc__.split("\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", nargs="*", metavar="SPEC", help="run spec (TOML); see docs/run-spec.md")
+    parser.add_argument("--demo", nargs="?", const="gelu_tanh", choices=DEMO_BUGS, metavar="BUG",
+                        help=f"bisect the built-in demo with planted bug BUG ({', '.join(DEMO_BUGS[1:])}; "
+                             "default gelu_tanh) or 'clean'")
+    parser.add_argument("--step", type=int, metavar="N",
+                        help="bisect this step only (default: the first step whose top level drifts)")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="calibrate each module's noise floor (upstream against a higher-precision copy of "
+                             "itself) and judge local errors as multiples of it")
+    parser.add_argument("--noise-factor", type=float, metavar="X",
+                        help="with --noise-floor: a module drifts above X times its floor (default 4)")
+    parser.add_argument("--max-depth", type=int, metavar="N", help="stop after N levels below the top")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the terminal view")
+    flags = parser.add_argument_group("run spec fields (a flag wins over the file; see docs/run-spec.md)")
+    for spec_field in FIELDS:
+        kwargs: dict[str, Any] = {"dest": f"spec__{spec_field.section}__{spec_field.key}", "help": spec_field.help}
+        if spec_field.kind is dict:
+            kwargs.update(action="append", metavar="KEY=VALUE")
+        elif spec_field.kind is bool:
+            kwargs.update(type=_parse_bool, metavar="true|false")
+        else:
+            kwargs.update(type=spec_field.kind, metavar=spec_field.key.upper())
+        flags.add_argument(spec_field.flag.replace("-kwargs", "-kwarg"), **kwargs)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tracediff.bisect.noise import DEFAULT_NOISE_FACTOR
+    from tracediff.bisect.spec import bisect_spec
+    from tracediff.errors import SpecError
+
+    if len(args.target) > 1:
+        raise SpecError(f"expected one run spec, got {len(args.target)}: {' '.join(args.target)}")
+    if args.noise_factor is not None and (args.noise_factor <= 0 or not args.noise_floor):
+        raise SpecError("--noise-factor needs --noise-floor and a value > 0")
+    if args.max_depth is not None and args.max_depth < 0:
+        raise SpecError(f"--max-depth {args.max_depth} must be >= 0")
+    spec = spec_from_args(args)
+    result = bisect_spec(spec, step=args.step, noise_floor=args.noise_floor,
+                         noise_factor=args.noise_factor or DEFAULT_NOISE_FACTOR, max_depth=args.max_depth)
+    print_result(result, as_json=args.json)
+    return 0 if result else 1
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    """The run spec from SPEC or ``--demo`` plus spec-field flags, exactly as ``tracediff run`` builds it."""
+    from tracediff.commands.run import _spec_from_args
+
+    return _spec_from_args(args)
+
+
+def print_result(result: Any, *, as_json: bool, stream: Any = None) -> None:
+    """Print a bisection result to ``stream`` (stdout): JSON, or the rich terminal report."""
+    from rich.console import Console
+
+    from tracediff.bisect.report import dumps, render_terminal
+
+    stream = stream or sys.stdout
+    if as_json:
+        stream.write(dumps(result))
+        return
+    render_terminal(result, Console(file=stream, width=max(Console(file=stream).width, 120)))
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
