@@ -35,3 +35,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def report_lines(stdout: str) -> list[str]:
+    """The first-drift report's lines, from its headline on (the pre-flight block comes before it)."""
+    lines = stdout.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(("first drift:", "no drift:")):
+            return lines[index:]
+    return lines

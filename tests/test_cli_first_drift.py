@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import tracediff
-from tests.cli_helpers import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, report_lines, run_cli
 from tests.conftest import TinyNet
 from tests.test_jsonl import write_fastvideo_trace
 from tracediff import TraceConfig
@@ -103,7 +103,7 @@ def in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPat
 def test_drift_headline_and_html_with_escaped_names(runs: dict) -> None:
     proc, html = runs["weird"]
     assert proc.returncode == 1, proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = report_lines(proc.stdout)
     assert lines[0].startswith(f"first drift: {WEIRD} (upstream {WEIRD}), step 0, call 0, tensor out: max abs error ")
     assert " > tol " in lines[0]
     assert "last good: net (upstream net), call 0, tensor out" in proc.stdout
@@ -134,7 +134,7 @@ def test_json_names_the_planted_module(runs: dict) -> None:
 def test_clean_pair_exits_zero(runs: dict) -> None:
     proc, _ = runs["demo_clean"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("no drift: ")
+    assert report_lines(proc.stdout)[0].startswith("no drift: ")
     assert "preset single-block" in proc.stdout
 
 
@@ -150,8 +150,9 @@ def test_fastvideo_jsonl_on_both_sides(runs: dict, capsys: pytest.CaptureFixture
     code, out, err = in_process(capsys, monkeypatch, "first-drift", str(files["fv_up"]), str(files["fv_po"]),
                                 "--step", "1")
     assert code == 1, err
-    assert out.startswith("first drift: blocks.1.norm (upstream blocks.1.norm), step 1, call 0, tensor out: ")
-    assert "abs_mean drift" in out.splitlines()[0]
+    headline = report_lines(out)[0]
+    assert headline.startswith("first drift: blocks.1.norm (upstream blocks.1.norm), step 1, call 0, tensor out: ")
+    assert "abs_mean drift" in headline
 
 
 @pytest.mark.parametrize(

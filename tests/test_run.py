@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, report_lines, run_cli
 from tracediff import open_trace
 from tracediff.demo.models import BUGS
 
@@ -22,7 +22,7 @@ def test_demo_names_the_planted_module(tmp_path) -> None:
     proc = run_cli("run", "--out", str(out))
     assert proc.returncode == 1, proc.stderr
     expected = BUGS["gelu_tanh"]
-    first = proc.stdout.splitlines()[0]
+    first = report_lines(proc.stdout)[0]
     assert first.startswith(f"first drift: {expected.port_module} (upstream {expected.upstream_module}), step 0")
     assert {p.name for p in out.iterdir()} == {"upstream.h5", "port.h5", "report.json", "report.html"}
     report = _report(out)
@@ -38,7 +38,7 @@ def test_demo_names_the_planted_module(tmp_path) -> None:
 def test_demo_clean_reports_no_drift(tmp_path) -> None:
     proc = run_cli("run", "--demo", "clean", "--out", str(tmp_path / "clean"), "--no-progress")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("no drift:")
+    assert report_lines(proc.stdout)[0].startswith("no drift:")
     assert _report(tmp_path / "clean")["first_drift"] is None
 
 
@@ -160,7 +160,7 @@ def test_unmodified_script_mode_then_first_drift(tmp_path) -> None:
         assert root_inputs == ["input.x", "input.t", "input.context", "out"] * 2
     proc = run_cli("first-drift", str(ref_trace), str(port_trace), "--preset", "single-block")
     assert proc.returncode == 1
-    assert proc.stdout.startswith(f"first drift: {BUGS['gelu_tanh'].port_module}")
+    assert report_lines(proc.stdout)[0].startswith(f"first drift: {BUGS['gelu_tanh'].port_module}")
 
 
 @pytest.mark.parametrize(

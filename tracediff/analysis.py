@@ -17,6 +17,7 @@ from rich.console import Console
 
 from tracediff.alignment import Alignment
 from tracediff.diff import DiffResult, diff_traces
+from tracediff.preflight import PreflightResult, check_traces, preflight_json, render_preflight
 from tracediff.report import headline, render_terminal, to_json, write_html
 from tracediff.store.load import load_trace
 from tracediff.tolerance import DEFAULT_PRESET, Tolerance, preset
@@ -35,6 +36,8 @@ class Analysis:
     port: Path
     report_json: Path | None = None
     report_html: Path | None = None
+    #: weights and inputs checked before any layer is blamed (shown first)
+    preflight: PreflightResult | None = None
 
     def __bool__(self) -> bool:
         return bool(self.result)
@@ -46,7 +49,10 @@ class Analysis:
     def text(self, *, width: int = 140) -> str:
         """The terminal report as plain text (for pytest failure sections and logs)."""
         buffer = io.StringIO()
-        render_terminal(self.result, Console(file=buffer, width=width, color_system=None, force_terminal=False))
+        console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
+        if self.preflight is not None:
+            render_preflight(self.preflight, console, diff=self.result)
+        render_terminal(self.result, console)
         return buffer.getvalue()
 
 
@@ -68,8 +74,13 @@ def analyse(
     step: int | None = None,
     out_dir: Path | None = None,
     context: Mapping[str, Any] | None = None,
+    models: tuple[Any, Any] | None = None,
 ) -> Analysis:
     """Align and diff two trace files; with ``out_dir``, write report.json and report.html there.
+
+    The pre-flight (weights and inputs, :mod:`tracediff.preflight`) runs first; with
+    ``models`` (the traced upstream and port, still in memory) weights are compared
+    exactly instead of from the traces' fingerprints.
 
     Raises:
         TracediffError: unreadable trace, bad mapping, nothing aligned.
@@ -78,11 +89,14 @@ def analyse(
 
     with load_trace(upstream) as up_trace, load_trace(port) as port_trace:
         alignment = align(up_trace, port_trace, mapping=mapping, param_map=param_map)
+        preflight = check_traces(up_trace, port_trace, alignment=alignment, param_map=param_map, models=models)
         result = diff_traces(up_trace, port_trace, alignment, tolerance=tolerance, step=step)
-    analysis = Analysis(alignment=alignment, result=result, upstream=Path(upstream), port=Path(port))
+    analysis = Analysis(alignment=alignment, result=result, upstream=Path(upstream), port=Path(port),
+                        preflight=preflight)
     if out_dir is not None:
         analysis.report_json = out_dir / REPORT_JSON
-        payload = {**to_json(result), "traces": {"upstream": str(upstream), "port": str(port)},
+        payload = {**to_json(result), "preflight": preflight_json(preflight, result),
+                   "traces": {"upstream": str(upstream), "port": str(port)},
                    **({"run": dict(context)} if context else {})}
         analysis.report_json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         analysis.report_html = write_html(result, out_dir / REPORT_HTML)
@@ -110,6 +124,8 @@ def analyse_run(spec: Any, results: Mapping[str, Any], out_dir: Path, *, as_json
         for side, failed in failures.items():
             for module, error in failed.items():
                 console.print(f"[yellow]warning:[/] {side}: recording {module!r} failed: {error}", highlight=False)
+        if analysis.preflight is not None:
+            render_preflight(analysis.preflight, console, diff=analysis.result)
         render_terminal(analysis.result, console)
         console.print(f"traces and reports: {out_dir}/ ({', '.join(sorted(p.name for p in _outputs(out_dir)))})",
                       highlight=False, markup=False)

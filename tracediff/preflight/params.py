@@ -1,0 +1,627 @@
+"""Which upstream parameter is compared with which port parameter, and the verdict on each.
+
+Evidence is used strongest first; each stage only sees what earlier ones left:
+
+1. the parameter map (``param_names_mapping``), when given: exact full names,
+   fused ``(template, merge_index, num_merges)`` rules compared piece by slice;
+2. module pairs of the alignment: the same local name (``weight``/``bias``),
+   then equal values (a ``modulation`` that the port calls ``scale_shift_table``);
+3. module groups of the alignment: fused projections (``to_qkv`` = ``cat(q, k, v)``)
+   piece by slice, anything else by equal values;
+4. equal values anywhere (a module the aligner could not pair);
+5. what is left, inside modules known to correspond: by local name, then by shape
+   (so a scaled or re-initialised weight is still compared, not called missing).
+
+Everything left after that exists on one side only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tracediff.alignment import Alignment
+from tracediff.preflight.compare import (
+    Fingerprint,
+    Verdict,
+    compare_fingerprints,
+    compare_fused,
+    compare_tensors,
+    holds_same_values,
+    pair_rtol,
+)
+from tracediff.preflight.result import ParamCheck
+from tracediff.trace import ModuleTable
+
+#: Verdicts that mean "these two tensors hold the same values" (used to pair by value).
+SAME_VALUES = frozenset({"identical", "close", "transposed", "reshaped"})
+#: Relative window of sum of squares searched for a tensor holding the same values (fp8 casts included).
+_VALUE_WINDOW = 0.6
+_SQ = 2
+#: Largest number of parts tried for a fused tensor the aligner left unpaired,
+#: among at most this many unpaired siblings.
+MAX_FUSED_PARTS = 4
+MAX_FUSED_CANDIDATES = 8
+
+
+@dataclass
+class ParamSide:
+    """One model's parameters and buffers, by row of its module table.
+
+    Attributes:
+        label: ``upstream`` or ``port``.
+        table: the module table (names, fingerprints).
+        tensors: the live tensors row by row, or None when only a trace is at hand.
+    """
+
+    label: str
+    table: ModuleTable
+    tensors: list[Any] | None = None
+    full: list[str] = field(init=False)
+    by_name: dict[str, int] = field(init=False)
+    rows_of: dict[int, list[int]] = field(init=False)
+    module_index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = self.table.names
+        self.module_index = {}
+        for index, name in enumerate(names):
+            self.module_index.setdefault(name, index)
+        self.full = [_full(names[p.module_index], p.name) for p in self.table.params]
+        self.by_name = {}
+        self.rows_of = defaultdict(list)
+        for row, name in enumerate(self.full):
+            self.by_name.setdefault(name, row)
+            self.rows_of[self.table.params[row].module_index].append(row)
+
+    def fingerprint(self, row: int) -> Fingerprint:
+        entry = self.table.params[row]
+        return Fingerprint(
+            shape=tuple(entry.shape),
+            dtype=entry.dtype,
+            moments=self.table.param_moments[row],
+            sample=self.table.param_samples[row],
+            sample_t=self.table.param_samples_t[row],
+        )
+
+    def module_of(self, row: int) -> str:
+        return self.table.names[self.table.params[row].module_index]
+
+    def local(self, row: int) -> str:
+        return self.table.params[row].name
+
+    def shape(self, row: int) -> tuple[int, ...]:
+        return tuple(self.table.params[row].shape)
+
+
+@dataclass
+class _Link:
+    """One comparison to make (or a one-sided parameter)."""
+
+    up: int | None
+    port: int | None
+    port_rows: tuple[int, int] | None = None
+    up_rows: tuple[int, int] | None = None
+    #: fused comparison from fingerprints: the pieces' rows (on the pieces' side) and this one's index
+    pieces: list[int] | None = None
+    piece: int = 0
+    fused_side: str = ""
+    verdict: Verdict | None = None
+    note: str = ""
+
+
+class _Pairing:
+    """Bookkeeping: which rows are taken, which modules correspond."""
+
+    def __init__(self, up: ParamSide, port: ParamSide) -> None:
+        self.up = up
+        self.port = port
+        self.links: list[_Link] = []
+        self.used_up: set[int] = set()
+        self.used_port: set[int] = set()
+        self.partner_up: dict[int, int] = {}  # upstream module -> port module
+        self.partner_port: dict[int, int] = {}
+        self.fused_verdicts: dict[tuple[str, int], list[Verdict]] = {}
+        self.notes: list[str] = []
+
+    def free_up(self, module: int) -> list[int]:
+        return [r for r in self.up.rows_of.get(module, []) if r not in self.used_up]
+
+    def free_port(self, module: int) -> list[int]:
+        return [r for r in self.port.rows_of.get(module, []) if r not in self.used_port]
+
+    def link(self, up: int | None, port: int | None, **kwargs: Any) -> None:
+        self.links.append(_Link(up, port, **kwargs))
+        if up is not None:
+            self.used_up.add(up)
+        if port is not None:
+            self.used_port.add(port)
+
+    def same_values(self, u: int, p: int) -> bool:
+        return holds_same_values(self.up.fingerprint(u), self.port.fingerprint(p))
+
+
+def pair_params(
+    up: ParamSide,
+    port: ParamSide,
+    alignment: Alignment | None,
+    param_map: Mapping[str, Any] | None = None,
+    *,
+    rtol: float | None = None,
+) -> tuple[list[ParamCheck], list[str]]:
+    """Pair every parameter and buffer of two models and judge each pair.
+
+    Args:
+        up, port: the two sides (module tables, and live tensors when available).
+        alignment: module pairs and groups; None pairs modules by name only.
+        param_map: a validated ``param_names_mapping`` (regex -> template or
+            ``(template, merge_index, num_merges)``).
+        rtol: tolerance of "equal within tolerance"; default from the dtypes.
+
+    Returns:
+        ``(checks, notes)``: one :class:`ParamCheck` per upstream tensor (per fused
+        piece), then the port's tensors that have no upstream counterpart, in model
+        order; and remarks on what the pairing had to infer.
+    """
+    state = _Pairing(up, port)
+    if param_map:
+        _by_param_map(state, param_map)
+    pairs = _module_pairs(up, port, alignment)
+    for u, p in pairs:
+        state.partner_up.setdefault(u, p)
+        state.partner_port.setdefault(p, u)
+    for u, p in pairs:
+        _by_local_name(state, state.free_up(u), state.free_port(p))
+        _by_value(state, state.free_up(u), state.free_port(p))
+    for ups, ports in _module_groups(up, port, alignment):
+        _fused_group(state, ups, ports)
+        _by_value(state, [r for m in ups for r in state.free_up(m)], [r for m in ports for r in state.free_port(m)])
+    left_up = [r for r in range(len(up.full)) if r not in state.used_up]
+    left_port = [r for r in range(len(port.full)) if r not in state.used_port]
+    _by_value(state, left_up, left_port)
+    _learn_partners(state)
+    _fused_leftovers(state, fused_on="port")
+    _fused_leftovers(state, fused_on="upstream")
+    _by_partner(state)
+    _one_sided(state)
+    checks = [_judge(state, link, rtol) for link in _ordered(state)]
+    return checks, state.notes
+
+
+# -- stage 1: the parameter map ------------------------------------------------------------
+
+
+def _by_param_map(state: _Pairing, param_map: Mapping[str, Any]) -> None:
+    up, port = state.up, state.port
+    compiled = [(re.compile(pattern), value) for pattern, value in param_map.items()]
+    fused: dict[str, dict[int, int]] = defaultdict(dict)
+    fused_total: dict[str, int] = {}
+    for row, name in enumerate(up.full):
+        for regex, value in compiled:
+            match = regex.match(name)
+            if match is None:
+                continue
+            template = value if isinstance(value, str) else value[0]
+            try:
+                target = match.expand(template)
+            except (re.error, IndexError):
+                break
+            if target not in port.by_name:
+                state.link(row, None, note=f"the param map sends it to {target!r}, which the port does not have")
+            elif isinstance(value, str):
+                if port.by_name[target] not in state.used_port:
+                    state.link(row, port.by_name[target])
+            else:
+                fused[target][int(value[1])] = row
+                fused_total[target] = int(value[2])
+            break
+    for target, parts in fused.items():
+        target_row = port.by_name[target]
+        order = [parts[i] for i in sorted(parts)]
+        if sorted(parts) != list(range(fused_total[target])):
+            for row in order:
+                state.link(row, target_row, verdict=Verdict(
+                    "unverified", detail=f"fused into {target} with {len(parts)} of {fused_total[target]} parts "
+                    "present in the upstream model; slices unknown"))
+            continue
+        _link_fused(state, order, target_row, fused_on="port")
+
+
+# -- stages 2 and 3: the alignment -------------------------------------------------------
+
+
+def _module_pairs(up: ParamSide, port: ParamSide, alignment: Alignment | None) -> list[tuple[int, int]]:
+    if alignment is None:
+        return [(up.module_index[n], port.module_index[n]) for n in up.module_index if n in port.module_index]
+    out = []
+    for pair in alignment.pairs:
+        u, p = up.module_index.get(pair.upstream), port.module_index.get(pair.port)
+        if u is not None and p is not None:
+            out.append((u, p))
+    return out
+
+
+def _module_groups(up: ParamSide, port: ParamSide, alignment: Alignment | None) -> list[tuple[list[int], list[int]]]:
+    if alignment is None:
+        return []
+    out = []
+    for group in alignment.groups:
+        ups = [up.module_index[n] for n in group.upstream if n in up.module_index]
+        ports = [port.module_index[n] for n in group.port if n in port.module_index]
+        if ups and ports:
+            out.append((ups, ports))
+    return out
+
+
+def _by_local_name(state: _Pairing, up_rows: list[int], port_rows: list[int]) -> None:
+    by_name = {state.port.local(r): r for r in port_rows}
+    for row in up_rows:
+        other = by_name.get(state.up.local(row))
+        if other is not None and other not in state.used_port:
+            state.link(row, other)
+
+
+def _by_value(state: _Pairing, up_rows: list[int], port_rows: list[int]) -> None:
+    """Pair rows holding the same values; ties go by order (first free candidate).
+
+    Candidates are screened by element count, sum of squares and first element
+    (which a transpose, a reshape or a dtype cast barely move), so a large model
+    costs a few comparisons per tensor, not one per pair of tensors.
+    """
+    free_port = [r for r in port_rows if r not in state.used_port]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for r in free_port:
+        groups[math.prod(state.port.shape(r))].append(r)
+    index = {}
+    for numel, rows in groups.items():
+        table = state.port.table
+        index[numel] = (np.asarray(rows, dtype=np.int64), np.nan_to_num(table.param_moments[rows, _SQ], nan=-1.0),
+                        np.nan_to_num(table.param_samples[rows, 0], nan=0.0))
+    for row in up_rows:
+        if row in state.used_up:
+            continue
+        found = index.get(math.prod(state.up.shape(row)))
+        if found is None:
+            continue
+        rows, sumsq, first = found
+        key = float(np.nan_to_num(state.up.table.param_moments[row, _SQ], nan=-1.0))
+        head = float(np.nan_to_num(state.up.table.param_samples[row, 0], nan=0.0))
+        # Element 0 is element 0 of the transpose and of any reshape too.
+        near = (np.abs(sumsq - key) <= _VALUE_WINDOW * abs(key) + 1e-30) & (
+            np.abs(first - head) <= _VALUE_WINDOW * abs(head) + 1e-30)
+        for other in rows[near].tolist():
+            if other not in state.used_port and state.same_values(row, other):
+                state.link(row, other)
+                break
+
+
+def _fused_group(state: _Pairing, ups: list[int], ports: list[int]) -> None:
+    """A fused module on one side and its parts, in concatenation order, on the other."""
+    if len(ups) > 1 and len(ports) == 1:
+        fused_module, parts, fused_on = ports[0], ups, "port"
+    elif len(ports) > 1 and len(ups) == 1:
+        fused_module, parts, fused_on = ups[0], ports, "upstream"
+    else:
+        return
+    fused_side = state.port if fused_on == "port" else state.up
+    parts_side = state.up if fused_on == "port" else state.port
+    if parts != sorted(parts):
+        names = ", ".join(_display(parts_side.table.names[m]) for m in parts)
+        defined = ", ".join(_display(parts_side.table.names[m]) for m in sorted(parts))
+        state.notes.append(
+            f"{_display(fused_side.table.names[fused_module])} concatenates {names} in that order (inferred from "
+            f"the values), not in the {parts_side.label}'s definition order ({defined}); if unintended that is a "
+            "swap, which only a parameter map can tell")
+    fused_free = state.free_port if fused_on == "port" else state.free_up
+    parts_free = state.free_up if fused_on == "port" else state.free_port
+    for row in fused_free(fused_module):
+        name = fused_side.local(row)
+        pieces = []
+        for module in parts:
+            found = [r for r in parts_free(module) if parts_side.local(r) == name]
+            if len(found) != 1:
+                break
+            pieces.append(found[0])
+        else:
+            shapes = [parts_side.shape(r) for r in pieces]
+            whole = fused_side.shape(row)
+            if shapes and all(len(s) == len(whole) and len(s) > 0 and s[1:] == whole[1:] for s in shapes) \
+                    and sum(s[0] for s in shapes) == whole[0]:
+                _link_fused(state, pieces, row, fused_on=fused_on)
+
+
+def _link_fused(state: _Pairing, pieces: list[int], fused_row: int, *, fused_on: str) -> None:
+    """One link per piece; each piece is compared with its rows of the fused tensor."""
+    parts_side = state.up if fused_on == "port" else state.port
+    fused_side = state.port if fused_on == "port" else state.up
+    shapes = [parts_side.shape(r) for r in pieces]
+    whole = fused_side.shape(fused_row)
+    stacks = all(len(s) == len(whole) and len(s) > 0 and s[1:] == whole[1:] for s in shapes) and \
+        sum(s[0] for s in shapes) == whole[0]
+    start = 0
+    for k, row in enumerate(pieces):
+        if not stacks:
+            verdict = Verdict("shape_mismatch", detail=f"fused from {len(pieces)} pieces, but they do not stack along "
+                              f"dim 0 into {fused_side.full[fused_row]} ({_shape(whole)})")
+            rows = None
+        else:
+            verdict = None
+            rows = (start, start + shapes[k][0])
+            start += shapes[k][0]
+        if fused_on == "port":
+            state.link(row, fused_row, port_rows=rows, pieces=pieces, piece=k, fused_side="port", verdict=verdict)
+        else:
+            state.link(fused_row, row, up_rows=rows, pieces=pieces, piece=k, fused_side="upstream", verdict=verdict)
+    # A fused row is shared by its pieces; mark it taken once all are linked.
+    (state.used_port if fused_on == "port" else state.used_up).add(fused_row)
+
+
+# -- stages 4 and 5: what is left --------------------------------------------------------
+
+
+def _fused_leftovers(state: _Pairing, *, fused_on: str) -> None:
+    """A fused module the aligner left alone because a piece differs: find its parts by shape.
+
+    Candidates are the unpaired children of the other side's counterpart of the
+    fused module's parent (``self_attn.q``/``k``/``v`` for ``attn1.to_qkv``). A
+    unique set whose tensors stack along dim 0 into the fused ones is taken; the
+    order is the one under which most pieces hold the same values, else the
+    definition order.
+    """
+    fused_side = state.port if fused_on == "port" else state.up
+    parts_side = state.up if fused_on == "port" else state.port
+    used_fused = state.used_port if fused_on == "port" else state.used_up
+    used_parts = state.used_up if fused_on == "port" else state.used_port
+    partner = state.partner_port if fused_on == "port" else state.partner_up
+    children: dict[str, list[int]] = defaultdict(list)
+    for index, name in enumerate(parts_side.table.names):
+        if name:
+            children[_parent(name)].append(index)
+    for module, rows in list(fused_side.rows_of.items()):
+        if not rows or any(r in used_fused for r in rows):
+            continue
+        parent = fused_side.module_index.get(_parent(fused_side.table.names[module]))
+        if parent is None or parent not in partner:
+            continue
+        counterpart = parts_side.table.names[partner[parent]]
+        candidates = [m for m in children.get(counterpart, []) if parts_side.rows_of.get(m)
+                      and not any(r in used_parts for r in parts_side.rows_of[m])]
+        if len(candidates) > MAX_FUSED_CANDIDATES:
+            continue  # a list of blocks, not the few projections of one layer
+        fits = []
+        for size in range(2, min(MAX_FUSED_PARTS, len(candidates)) + 1):
+            for combo in itertools.combinations(candidates, size):
+                pieces = _stacking_pieces(fused_side, rows, parts_side, list(combo))
+                if pieces is not None:
+                    fits.append((list(combo), pieces))
+        if len(fits) != 1:
+            continue
+        combo, pieces = fits[0]
+        order = _best_order(state, fused_side, rows, parts_side, combo, fused_on)
+        for row in rows:
+            by_module = dict(zip(combo, pieces[row], strict=True))
+            _link_fused(state, [by_module[m] for m in order], row, fused_on=fused_on)
+
+
+def _stacking_pieces(fused_side: ParamSide, rows: list[int], parts_side: ParamSide,
+                     combo: list[int]) -> dict[int, list[int]] | None:
+    """For each fused row, the parts' rows of the same local name, if their shapes stack into it."""
+    out: dict[int, list[int]] = {}
+    for row in rows:
+        name, whole = fused_side.local(row), fused_side.shape(row)
+        pieces = []
+        for module in combo:
+            found = [r for r in parts_side.rows_of[module] if parts_side.local(r) == name]
+            if len(found) != 1:
+                return None
+            pieces.append(found[0])
+        shapes = [parts_side.shape(r) for r in pieces]
+        if not whole or not all(len(s) == len(whole) and s[1:] == whole[1:] for s in shapes) \
+                or sum(s[0] for s in shapes) != whole[0]:
+            return None
+        out[row] = pieces
+    if sum(len(parts_side.rows_of[m]) for m in combo) != len(rows) * len(combo):
+        return None
+    return out
+
+
+def _best_order(state: _Pairing, fused_side: ParamSide, rows: list[int], parts_side: ParamSide,
+                combo: list[int], fused_on: str) -> list[int]:
+    """The concatenation order under which most pieces hold the same values (definition order on ties)."""
+    best, best_score = list(combo), -1
+    for order in itertools.permutations(combo):
+        score = 0
+        for row in rows:
+            pieces = [next(r for r in parts_side.rows_of[m] if parts_side.local(r) == fused_side.local(row))
+                      for m in order]
+            verdicts = compare_fused([parts_side.fingerprint(r) for r in pieces], fused_side.fingerprint(row))
+            score += sum(v.status in SAME_VALUES for v in verdicts)
+        if score > best_score:
+            best, best_score = list(order), score
+    return best
+
+
+def _learn_partners(state: _Pairing) -> None:
+    """Modules whose parameters were all paired with one module of the other side correspond."""
+    seen: dict[int, set[int]] = defaultdict(set)
+    for link in state.links:
+        if link.up is not None and link.port is not None and link.pieces is None:
+            seen[state.up.table.params[link.up].module_index].add(state.port.table.params[link.port].module_index)
+    for u, ports in seen.items():
+        if len(ports) == 1:
+            p = next(iter(ports))
+            state.partner_up.setdefault(u, p)
+            state.partner_port.setdefault(p, u)
+
+
+def _by_partner(state: _Pairing) -> None:
+    """Inside corresponding modules: the same local name, then the same shape in order."""
+    for u, p in list(state.partner_up.items()):
+        _by_local_name(state, state.free_up(u), state.free_port(p))
+        ports = state.free_port(p)
+        for row in state.free_up(u):
+            shape = state.up.shape(row)
+            for other in ports:
+                if other not in state.used_port and state.port.shape(other) in (shape, shape[::-1]):
+                    state.link(row, other)
+                    break
+        ups, ports = state.free_up(u), state.free_port(p)
+        if len(ups) == 1 and len(ports) == 1 and math.prod(state.up.shape(ups[0])) == math.prod(
+                state.port.shape(ports[0])):
+            state.link(ups[0], ports[0])
+
+
+def _one_sided(state: _Pairing) -> None:
+    up, port = state.up, state.port
+    for row in range(len(up.full)):
+        if row in state.used_up:
+            continue
+        module = up.table.params[row].module_index
+        partner = state.partner_up.get(module)
+        if partner is not None:
+            note = f"its counterpart {_display(port.table.names[partner])} has no {up.local(row)!r}"
+        else:
+            note = "no port module holds its values"
+        state.link(row, None, note=note)
+    for row in range(len(port.full)):
+        if row in state.used_port:
+            continue
+        module = port.table.params[row].module_index
+        partner = state.partner_port.get(module)
+        if partner is not None:
+            note = f"its counterpart {_display(up.table.names[partner])} has no {port.local(row)!r}"
+        else:
+            note = "no upstream module holds its values"
+        state.link(None, row, note=note)
+
+
+def _ordered(state: _Pairing) -> list[_Link]:
+    """Upstream model order, port-only tensors last in port order."""
+    def key(link: _Link) -> tuple[int, int, int]:
+        if link.up is not None:
+            return (0, link.up, link.piece)
+        return (1, link.port if link.port is not None else 0, 0)
+
+    return sorted(state.links, key=key)
+
+
+# -- verdicts ----------------------------------------------------------------------------
+
+
+def _judge(state: _Pairing, link: _Link, rtol: float | None) -> ParamCheck:
+    up, port = state.up, state.port
+    u, p = link.up, link.port
+    base: dict[str, Any] = {
+        "upstream": up.full[u] if u is not None else None,
+        "port": port.full[p] if p is not None else None,
+        "upstream_module": up.module_of(u) if u is not None else None,
+        "port_module": port.module_of(p) if p is not None else None,
+        "kind": up.table.params[u].kind if u is not None else port.table.params[p].kind,  # type: ignore[index]
+        "upstream_shape": up.shape(u) if u is not None else None,
+        "port_shape": port.shape(p) if p is not None else None,
+        "upstream_dtype": up.table.params[u].dtype if u is not None else None,
+        "port_dtype": port.table.params[p].dtype if p is not None else None,
+        "port_rows": link.port_rows,
+        "upstream_rows": link.up_rows,
+    }
+    if u is None or p is None:
+        if u is not None:
+            partner = state.partner_up.get(up.table.params[u].module_index)
+            base["port_module"] = port.table.names[partner] if partner is not None else None
+            return ParamCheck(status="missing_in_port", detail=link.note, **base)
+        partner = state.partner_port.get(port.table.params[p].module_index)  # type: ignore[index]
+        base["upstream_module"] = up.table.names[partner] if partner is not None else None
+        return ParamCheck(status="missing_in_upstream", detail=link.note, **base)
+    exact = up.tensors is not None and port.tensors is not None
+    verdict = link.verdict or _verdict(state, link, rtol, exact=exact)
+    if link.pieces is not None and base["port_rows"] is not None:
+        # The slice, not the whole fused tensor, is what was compared.
+        base["port_shape"] = _slice_shape(base["port_shape"], link.port_rows)
+    if link.pieces is not None and base["upstream_rows"] is not None:
+        base["upstream_shape"] = _slice_shape(base["upstream_shape"], link.up_rows)
+    return ParamCheck(status=verdict.status, max_abs=verdict.max_abs, rel=verdict.rel, scale=verdict.scale,
+                      exact=exact and link.verdict is None, detail=verdict.detail, **base)
+
+
+def _verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: bool) -> Verdict:
+    up, port = state.up, state.port
+    u, p = link.up, link.port
+    assert u is not None and p is not None
+    if exact:
+        a, b = up.tensors[u], port.tensors[p]  # type: ignore[index]
+        if link.port_rows is not None:
+            b = b[link.port_rows[0]:link.port_rows[1]]
+        if link.up_rows is not None:
+            a = a[link.up_rows[0]:link.up_rows[1]]
+        verdict = compare_tensors(a, b, rtol=rtol)
+        if link.pieces is not None:
+            fused = port.full[p] if link.fused_side == "port" else up.full[u]
+            swapped = _swapped_with(state, link, a, b) if verdict.status == "different" else None
+            verdict = Verdict(verdict.status, verdict.max_abs, verdict.rel, verdict.scale,
+                              _join(f"slice of fused {fused}", verdict.detail,
+                                    f"it holds {swapped}'s values (pieces swapped?)" if swapped else ""))
+        return verdict
+    if link.pieces is not None:
+        fused_row = p if link.fused_side == "port" else u
+        key = (link.fused_side, fused_row)
+        if key not in state.fused_verdicts:
+            pieces_side, fused_side = (up, port) if link.fused_side == "port" else (port, up)
+            state.fused_verdicts[key] = compare_fused(
+                [pieces_side.fingerprint(r) for r in link.pieces], fused_side.fingerprint(fused_row), rtol=rtol,
+                fused_name=fused_side.full[fused_row], piece_names=[pieces_side.full[r] for r in link.pieces])
+        found = state.fused_verdicts[key][link.piece]
+        if link.fused_side == "upstream" and found.scale:
+            # Judged as port piece against the upstream slice; read it the other way round.
+            return Verdict(found.status, found.max_abs, found.rel, 1.0 / found.scale, found.detail)
+        return found
+    return compare_fingerprints(up.fingerprint(u), port.fingerprint(p),
+                                rtol=rtol if rtol is not None else pair_rtol(up.table.params[u].dtype,
+                                                                              port.table.params[p].dtype))
+
+
+def _swapped_with(state: _Pairing, link: _Link, a: Any, b: Any) -> str | None:
+    """The name of another piece of the same fused tensor whose values this slice holds, if any."""
+    assert link.pieces is not None
+    pieces_side = state.up if link.fused_side == "port" else state.port
+    mine = link.pieces[link.piece]
+    for other in link.pieces:
+        if other == mine or pieces_side.shape(other) != pieces_side.shape(mine):
+            continue
+        tensor = pieces_side.tensors[other]  # type: ignore[index]
+        found = compare_tensors(tensor, b, rtol=None) if link.fused_side == "port" else compare_tensors(a, tensor)
+        if found.status in ("identical", "close"):
+            return pieces_side.full[other]
+    return None
+
+
+def _slice_shape(shape: tuple[int, ...] | None, rows: tuple[int, int] | None) -> tuple[int, ...] | None:
+    if shape is None or rows is None or not shape:
+        return shape
+    return (rows[1] - rows[0], *shape[1:])
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _full(module: str, local: str) -> str:
+    return f"{module}.{local}" if module else local
+
+
+def _display(name: str) -> str:
+    return name if name else "<model>"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape)) or "()"
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
