@@ -2,14 +2,27 @@
 
 A hook calls :func:`moments` and gets back a small float64 tensor *on the
 tensor's device*; nothing is copied to the host until the recorder flushes a
-whole step with one transfer. Reductions take an accumulation dtype
-(``sum(dtype=float64)``, ``vector_norm(dtype=float64)``) instead of first
-materialising a float copy of a large bf16 activation.
+whole step with one transfer.
+
+How the moments are reduced depends on where the tensor lives (the stored
+meaning is the same; docs/trace-format.md gives the precision):
+
+* on a CUDA device, a contiguous float tensor is read **once** by the fused
+  kernel of :mod:`tracediff.hooks.fused` (float32 partial sums, combined in
+  float64; float64 tensors stay float64 throughout);
+* elsewhere on an accelerator (no Triton, a strided view) PyTorch reductions
+  accumulate 16/32-bit floats in float32: asking a GPU reduction for float64
+  makes PyTorch materialise a float64 copy of the whole activation first, four
+  times its bf16 size, which is both the slow part and a memory spike;
+* on the CPU, reductions accumulate in float64 (exact enough to compare with
+  ``torch.float64`` references in tests, and there is no bandwidth to save).
 """
 
 from __future__ import annotations
 
 import torch
+
+from tracediff.hooks import fused
 
 #: Layout of the vector returned by :func:`moments`.
 MOMENT_FIELDS = ("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_count")
@@ -41,50 +54,118 @@ def moments(tensor: torch.Tensor) -> torch.Tensor:
     values, _ = value_view(tensor)
     if values.numel() == 0:
         return torch.tensor([0.0, 0.0, 0.0, _NAN, _NAN, 0.0, 0.0], dtype=torch.float64, device=values.device)
-    acc = torch.float64
+    flat = dense_flat(values) if values.is_cuda else None
+    if flat is not None and fused.supports(flat):
+        out = fused.moments(flat)
+        if out is not None:
+            return out
+    on_host = values.device.type == "cpu"
+    acc = torch.float64 if on_host or values.dtype == torch.float64 else torch.float32
     total = values.sum(dtype=acc)
     abs_total = torch.linalg.vector_norm(values, 1, dtype=acc)
     squares = torch.linalg.vector_norm(values, 2, dtype=acc).square()
     low, high = torch.aminmax(values)
     nan_count = torch.isnan(values).sum(dtype=torch.int64)
     inf_count = torch.isinf(values).sum(dtype=torch.int64)
-    return torch.stack(
-        [
-            total,
-            abs_total,
-            squares,
-            low.to(acc),
-            high.to(acc),
-            nan_count.to(acc),
-            inf_count.to(acc),
-        ]
-    )
+    sums = torch.stack([total, abs_total, squares, low.to(acc), high.to(acc)])
+    counts = torch.stack([nan_count, inf_count])
+    return torch.cat([sums.to(torch.float64), counts.to(torch.float64)])
 
 
-def sample_positions(numel: int, size: int) -> torch.Tensor:
-    """Deterministic flat positions of the ``sample`` stat: evenly spread, same on both sides."""
+def dense_layout(values: torch.Tensor) -> tuple[int, ...] | None:
+    """The dimension order in which ``values`` lies densely in memory, or None if it does not.
+
+    A transposed or permuted view of a contiguous tensor (``x.flatten(2).transpose(1, 2)``
+    at the start of every video DiT, and every residual sum that inherits its layout)
+    is not contiguous, but ``values.permute(order)`` is: its elements fill one
+    block of memory exactly once, in that order.
+    """
+    if values.is_contiguous():
+        return tuple(range(values.dim()))
+    order = tuple(sorted(range(values.dim()), key=lambda d: values.stride(d), reverse=True))
+    return order if values.permute(order).is_contiguous() else None
+
+
+def dense_flat(values: torch.Tensor) -> torch.Tensor | None:
+    """Every element of ``values`` exactly once, as a 1-D view in memory order (no copy), or None.
+
+    Order-free statistics (moments) can be reduced over it directly.
+    """
+    order = dense_layout(values)
+    return None if order is None else values.permute(order).reshape(-1)
+
+
+def sample_positions(numel: int, size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Deterministic flat positions of the ``sample`` stat: evenly spread, same on both sides.
+
+    Made directly on ``device``: copying them there from the host would make the
+    hook wait for the GPU.
+    """
     if numel <= size:
-        return torch.arange(numel, dtype=torch.int64)
-    return torch.arange(size, dtype=torch.int64) * numel // size
+        return torch.arange(numel, dtype=torch.int64, device=device)
+    return torch.arange(size, dtype=torch.int64, device=device) * numel // size
 
 
 def take_sample(tensor: torch.Tensor, size: int) -> torch.Tensor:
     """Gather the sample elements without copying the whole tensor."""
     values, _ = value_view(tensor)
-    positions = sample_positions(values.numel(), size).to(values.device)
-    if values.dim() == 0:
-        return values.reshape(1).to(_capture_dtype(values))
-    if values.is_contiguous():
-        picked = values.reshape(-1)[positions]
-    else:
-        picked = values[torch.unravel_index(positions, values.shape)]
-    return picked.to(_capture_dtype(values))
+    positions = sample_positions(values.numel(), size, values.device)
+    # take() indexes in logical row-major order whatever the layout, without copying the
+    # tensor or (unlike unravel_index) copying index tables from the host, which would sync.
+    return torch.take(values, positions).to(_capture_dtype(values))
 
 
 def take_full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor as float32 (float64 kept as is), for the ``full`` stat."""
     values, _ = value_view(tensor)
     return values.to(_capture_dtype(values)).reshape(-1)
+
+
+def copy_full_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor in host memory, for the ``full`` stat; never waits for a GPU.
+
+    A CUDA tensor is copied in its own dtype and memory order into pinned
+    memory, asynchronously, on a side stream: the copy runs behind the kernels
+    already queued, and whoever reads the result must first wait for an event
+    recorded on :func:`copy_stream` after it. The result is then a view with the
+    tensor's shape; flatten it (row-major) and convert it to :func:`full_dtype`
+    on the host. A CPU tensor is copied at once, flat and converted, so later
+    in-place updates cannot reach it.
+    """
+    values, _ = value_view(tensor)
+    if not values.is_cuda:
+        return values.reshape(-1).to("cpu", dtype=_capture_dtype(values), copy=True)
+    order = dense_layout(values)
+    if order is None:  # overlapping or gapped (expanded, sliced): one device copy makes it dense
+        values, order = values.contiguous(), tuple(range(values.dim()))
+    stored = values.permute(order)
+    host = torch.empty(stored.shape, dtype=values.dtype, pin_memory=True)
+    # On a copy stream, so the model's kernels do not queue behind the transfer; the allocator
+    # is told the copy reads the tensor, so its memory is not reused before the copy is done.
+    # In its own dtype and memory order: half the bytes of float32 for bf16, no device work,
+    # no device memory; the host converts and reorders (measured: as fast, end to end).
+    stream = copy_stream(values.device)
+    stream.wait_stream(torch.cuda.current_stream(values.device))
+    with torch.cuda.stream(stream):
+        host.copy_(stored, non_blocking=True)
+    values.record_stream(stream)
+    return host.permute(tuple(order.index(d) for d in range(len(order))))  # a view in logical order
+
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream that carries this device's ``full`` copies to the host (one per device)."""
+    stream = _copy_streams.get(device)
+    if stream is None:
+        stream = _copy_streams[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
+def full_dtype(values: torch.Tensor) -> torch.dtype:
+    """Dtype the ``full`` stat stores ``values`` in: float64 for float64, else float32."""
+    return _capture_dtype(values)
 
 
 def _capture_dtype(values: torch.Tensor) -> torch.dtype:
