@@ -98,7 +98,12 @@ def read_table_file(path: str | Path, *, what: str) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise AlignmentError(f"{path}: a {what} must end in .toml or .json, not {suffix or '(no suffix)'!r}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AlignmentError(f"{path}: a {what} must be UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise AlignmentError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     if suffix == ".toml":
         try:
             data: Any = tomllib.loads(text)

@@ -38,6 +38,8 @@ MOMENT_STATS = frozenset(("abs_mean", "sum", "min", "max", "mean", "std", "l2", 
 
 DEFAULT_OUTPUT = "tracediff-trace-<side>-<pid>.h5"
 DEFAULT_SAMPLE_SIZE = 256
+#: Most step (or rank) numbers a list such as ``0-999`` may select: it is held as a set.
+MAX_LISTED_STEPS = 1_000_000
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -121,7 +123,7 @@ def parse_steps(
         token = part.strip()
         if not token:
             continue
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", token)
+        match = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", token)
         if match is None or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
             raise TraceConfigError(
                 f"{source}={value!r} has invalid item {token!r}; use {what} indices and "
@@ -129,6 +131,11 @@ def parse_steps(
             )
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
+        if high - low + 1 + len(steps) > MAX_LISTED_STEPS:  # a typo such as 0-10000000000 must not fill the memory
+            raise TraceConfigError(
+                f"{source}={value!r} selects more than {MAX_LISTED_STEPS:,} {what}s (item {token!r}); "
+                f"list at most {MAX_LISTED_STEPS:,}, or leave it empty for all"
+            )
         steps.update(range(low, high + 1))
     return frozenset(steps)
 

@@ -76,16 +76,18 @@ def trace_model(
     call: Callable[[nn.Module, Any], Any] | None = None,
     count: int | None = None,
     progress: ProgressFn | None = None,
+    overwrite: bool = False,
 ) -> SideResult:
     """Run an in-memory model once per item of ``steps`` (its inputs), recording each as a step.
 
     The API behind ``run`` and the pytest plugin: the caller owns the model and
-    the inputs; each side should get its own copy of the inputs.
+    the inputs; each side should get its own copy of the inputs. ``overwrite``
+    lets the trace replace an existing file at ``output`` (otherwise refused).
     """
     call = call or (lambda m, inputs: default_call(m, inputs))
     start = time.perf_counter()
     total = count if count is not None else 0
-    with attach(model, side=side, config=config, output=output) as handle, torch.no_grad():
+    with attach(model, side=side, config=config, output=output, overwrite=overwrite) as handle, torch.no_grad():
         for step, inputs in enumerate(steps):
             if progress:
                 progress(side, step, total)

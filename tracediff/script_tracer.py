@@ -64,7 +64,8 @@ class ScriptTracer:
         while filename in taken:
             counter += 1
             filename = f"{self.side}.{name}.{counter}.h5"
-        handle = attach(module, side=self.side, config=self.config, output=self.out_dir / filename)
+        # 'tracediff run --side' has already refused (or, with --force, removed) earlier traces in --out.
+        handle = attach(module, side=self.side, config=self.config, output=self.out_dir / filename, overwrite=True)
         self.handles[id(module)] = handle
         # The recorder's root pre-hook was registered during this very call, too late for
         # torch to run it now: start the step here, and record the inputs (keyword ones

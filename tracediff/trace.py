@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tracediff.errors import TraceFormatError
 from tracediff.store.format import FULL_NONE, MAX_DIMS
 
 #: Stats that can be derived from the stored moments.
@@ -254,8 +255,14 @@ class Trace:
             return None
         offset = int(self.records.columns["full_offset"][index])
         length = int(self.records.columns["full_len"][index])
-        flat = np.asarray(self.full_values[kind][offset : offset + length])
-        return flat.reshape(self.records.shape_of(index))
+        try:
+            flat = np.asarray(self.full_values[kind][offset : offset + length])
+            return flat.reshape(self.records.shape_of(index))
+        except (OSError, ValueError) as exc:  # read lazily: damage in the file shows only now
+            raise TraceFormatError(
+                f"{self.path}: damaged trace: cannot read the full tensor of record {index} "
+                f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+            ) from None
 
     def close(self) -> None:
         if self._closer is not None:

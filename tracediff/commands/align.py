@@ -48,11 +48,7 @@ def run(args: argparse.Namespace) -> int:
     with open_trace(args.upstream) as upstream, open_trace(args.port) as port:
         alignment = align(upstream, port, mapping=args.map, param_map=args.param_map)
         figures = coverage(alignment, upstream, port)
-    if not _anything_aligned(alignment):
-        raise AlignmentError(
-            f"nothing aligned between {args.upstream} and {args.port}: no shared weights or structure; "
-            "pass --map FILE or --param-map FILE|MODULE:ATTR"
-        )
+    require_aligned(alignment, args.upstream, args.port)
     if args.write:
         write_mapping(alignment, args.write)
     if args.json:
@@ -115,8 +111,21 @@ def render(alignment: Alignment, figures: dict[str, dict[str, int]], *, written:
         console.print(f"wrote {written} (edit it, then pass it back with --map)", highlight=False)
 
 
-def _anything_aligned(alignment: Alignment) -> bool:
-    return bool(alignment.groups) or any(pair.source != "root" for pair in alignment.pairs)
+def require_aligned(alignment: Alignment, upstream: str, port: str) -> None:
+    """Refuse to go on when nothing but the two models themselves could be paired.
+
+    Comparing two unrelated traces (a wrong file, another model) would only
+    list every module as missing; one line saying so is more useful.
+
+    Raises:
+        AlignmentError: no module pair or group besides the root.
+    """
+    if alignment.groups or any(pair.source != "root" for pair in alignment.pairs):
+        return
+    raise AlignmentError(
+        f"nothing aligned between {upstream} and {port}: no shared weights or structure (traces of different "
+        "models?); pass --map FILE or --param-map FILE|MODULE:ATTR"
+    )
 
 
 def _shown(name: str) -> str:

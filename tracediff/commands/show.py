@@ -67,6 +67,7 @@ def summarise(trace: Trace) -> dict[str, Any]:
         "stats": list(config.get("stats", [])),
         "layers": config.get("layers", ""),
         "failures": trace.meta.get("failures", {}),
+        "stopped": str(trace.meta.get("stopped", "")),
     }
 
 
@@ -125,6 +126,8 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]], *, limit: int) -
     for key, value in facts:
         head.add_row(key, str(value))
     console.print(head)
+    if summary["stopped"]:
+        console.print(f"stopped early: {summary['stopped']}", style="yellow", markup=False, highlight=False)
     for name, error in summary["failures"].items():
         console.print(f"[yellow]recording failed for {name!r}: {error}[/]")
     table = Table(title="records per module and tensor (first step's abs_mean)", title_justify="left")

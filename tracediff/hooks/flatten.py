@@ -17,22 +17,32 @@ import torch
 MAX_DEPTH = 16
 
 
-def iter_tensors(obj: Any, prefix: str = "out", _depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(label, tensor)`` for each tensor leaf; other leaves are skipped."""
+def iter_tensors(
+    obj: Any, prefix: str = "out", _depth: int = 0, _path: frozenset[int] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(label, tensor)`` for each tensor leaf; other leaves are skipped.
+
+    A container that holds itself (directly or further down) is walked once:
+    following the cycle would repeat its tensors, twice per level for a list
+    that holds itself twice, up to ``2**MAX_DEPTH`` records.
+    """
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
         return
-    if _depth >= MAX_DEPTH:
+    if _depth >= MAX_DEPTH or id(obj) in _path:
         return
     if isinstance(obj, (tuple, list)):
+        inside = _path | {id(obj)}
         for index, item in enumerate(obj):
-            yield from iter_tensors(item, f"{prefix}[{index}]", _depth + 1)
+            yield from iter_tensors(item, f"{prefix}[{index}]", _depth + 1, inside)
     elif isinstance(obj, Mapping):
+        inside = _path | {id(obj)}
         for key, value in obj.items():
-            yield from iter_tensors(value, f"{prefix}.{key}", _depth + 1)
+            yield from iter_tensors(value, f"{prefix}.{key}", _depth + 1, inside)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        inside = _path | {id(obj)}
         for item in dataclasses.fields(obj):
-            yield from iter_tensors(getattr(obj, item.name, None), f"{prefix}.{item.name}", _depth + 1)
+            yield from iter_tensors(getattr(obj, item.name, None), f"{prefix}.{item.name}", _depth + 1, inside)
 
 
 def iter_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:

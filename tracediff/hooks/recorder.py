@@ -1,9 +1,16 @@
 """The recorder: forward hooks that turn module outputs into trace records.
 
 Hooks do as little as possible while the model runs: they queue on-device
-moment vectors and sample gathers, and the recorder moves a whole step to the
-host in one transfer per device when the step ends. A failing hook never
-breaks the model: it warns once for that module and lets the forward go on.
+moment vectors and sample gathers (and, for ``full``, an asynchronous copy into
+pinned host memory), and the recorder moves a whole step to the host in one
+transfer per device when the step ends. A failing hook never breaks the model:
+it warns once for that module and lets the forward go on.
+
+On an accelerator nothing in a hook or at a step's end waits for the device:
+the step's copies are queued behind the step's kernels, and a
+:class:`~tracediff.store.background.BackgroundWriter` thread waits for them and
+writes the step while the model runs on. Traces of CPU models are written
+synchronously at each step's end, as there is no device to overlap with.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from torch.utils.hooks import RemovableHandle
 from tracediff.config import TraceConfig
 from tracediff.hooks import steps as step_state
 from tracediff.hooks.flatten import iter_inputs, iter_tensors
-from tracediff.hooks.stats import moments, take_full, take_sample
+from tracediff.hooks.stats import copy_full_to_host, copy_stream, full_dtype, moments, take_sample
+from tracediff.store.background import BackgroundWriter
 from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE, MAX_DIMS, RECORD_COLUMNS
 from tracediff.store.writer import StepBatch, TraceWriter
 
@@ -41,7 +49,8 @@ class _Pending:
     numel: int
     moments: torch.Tensor | None
     sample: torch.Tensor | None
-    full: torch.Tensor | None
+    full: torch.Tensor | None  # on the host (pinned and maybe still being filled, for a CUDA tensor)
+    full_device: torch.device | None = None
 
 
 class Recorder:
@@ -50,6 +59,7 @@ class Recorder:
     def __init__(self, model: nn.Module, *, config: TraceConfig, writer: TraceWriter, module_names: list[str]) -> None:
         self.config = config
         self.writer = writer
+        self._background: BackgroundWriter | None = None
         self.module_names = module_names
         self.records_written = 0
         self.steps_written: list[int] = []
@@ -64,6 +74,7 @@ class Recorder:
         self._step: int | None = None
         self._call_start = (0, 0)
         self._stopped = False
+        self._step_thread: int | None = None  # the thread whose hooks opened self._step
         self._closed = False
         self._want_sample = "sample" in config.stats
         self._want_full = "full" in config.stats
@@ -131,12 +142,14 @@ class Recorder:
         if self._step is not None and self._step != step and self._pending:
             self._flush(self._step)
         self._step = step
+        self._step_thread = threading.get_ident()
         self._calls.clear()
 
     def end_step(self, step: int) -> None:
         """Called when a ``trace_step`` block exits: commit that step."""
         with self._lock:
-            if self._step == step:
+            # Only the thread running this step ends it: another thread's model may be at the same step number.
+            if self._step == step and self._step_thread == threading.get_ident():
                 self._flush(step)
                 self._step = None
 
@@ -186,10 +199,12 @@ class Recorder:
                 self._capture(step, index, call, label, tensor)
 
     def _capture(self, step: int, module: int, call: int, label: str, tensor: torch.Tensor) -> None:
+        if tensor.is_meta:  # fail this module now; its stats would fail the whole step's flush
+            raise ValueError("a meta tensor holds no data to record")
         with torch.no_grad():
             stats = moments(tensor) if self._want_moments else None
             sample = take_sample(tensor, self.config.sample_size) if self._want_sample else None
-            full = take_full(tensor).to("cpu") if self._want_full else None
+            full = copy_full_to_host(tensor) if self._want_full else None
         self._pending.append(
             _Pending(
                 seq=self._seq,
@@ -203,26 +218,49 @@ class Recorder:
                 moments=stats,
                 sample=sample,
                 full=full,
+                full_device=tensor.device,
             )
         )
         self._seq += 1
 
     # -- flushing ----------------------------------------------------------------
     def _flush(self, step: int) -> None:
+        if self._stopped:  # an earlier write failed: never retry (one warning, not one per step)
+            self._pending = []
+            return
         pending, self._pending = self._pending, []
         try:
-            self.writer.write_step(step, _to_batch(pending))
+            staged = _Staged(pending)
+            if self._background is None and staged.on_accelerator:
+                self._background = BackgroundWriter(self.writer)
+            if self._background is None:
+                self.writer.write_step(step, staged.finish())
+                self._committed(step, len(pending))
+            else:
+                done = lambda: self._committed(step, len(pending))  # noqa: E731 - runs on the writer thread
+                self._background.submit(step, staged.finish, nbytes=staged.nbytes, on_done=done)
         except Exception as exc:  # disk full, file removed: stop tracing, keep the model running
-            self._stopped = True
-            warnings.warn(
-                f"tracediff: writing {self.writer.path} failed at step {step} ({exc!r}); tracing stopped, "
-                f"steps {self.steps_written[:1] + self.steps_written[-1:]} and before remain readable",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        self.records_written += len(pending)
+            self._write_failed(step, exc)
+
+    def _committed(self, step: int, count: int) -> None:
+        self.records_written += count
         self.steps_written.append(step)
+
+    def _write_failed(self, step: int, exc: Exception) -> None:
+        self._stopped = True
+        failed = self._background.failed_step if self._background is not None else None
+        at = step if failed is None else failed
+        warnings.warn(
+            f"tracediff: writing {self.writer.path} failed at step {at} ({exc!r}); tracing stopped, "
+            f"steps {self.steps_written[:1] + self.steps_written[-1:]} and before remain readable",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def drain(self) -> None:
+        """Wait until every finished step is committed to the file (a no-op for CPU models)."""
+        if self._background is not None:
+            self._background.drain()
 
     def close(self) -> None:
         """Remove every hook, commit what is pending, close the file. Idempotent."""
@@ -236,22 +274,64 @@ class Recorder:
             step_state.unregister(self)
             if self._pending and not self._stopped:
                 self._flush(self._step if self._step is not None else 0)
+            sink = self._background if self._background is not None else self.writer
             if not self._stopped:
-                self.writer.set_attr("failures", self.failures)
+                try:
+                    sink.set_attr("failures", self.failures)
+                except Exception as exc:  # a queued step failed to write
+                    self._write_failed(self._step if self._step is not None else 0, exc)
             try:
-                self.writer.close()
+                sink.close()
             except Exception as exc:
-                warnings.warn(f"tracediff: closing {self.writer.path} failed ({exc!r})", RuntimeWarning, stacklevel=2)
+                if not self._stopped:  # after a failed write, the warning about it was the one warning
+                    warnings.warn(
+                        f"tracediff: closing {self.writer.path} failed ({exc!r})", RuntimeWarning, stacklevel=2
+                    )
 
 
-def _to_batch(pending: list[_Pending]) -> StepBatch:
-    """Move one step's captures to the host: one transfer per device per kind."""
+class _Staged:
+    """One step's captures on their way to the host: one transfer per device per kind.
+
+    Constructing it queues the transfers (into pinned memory, without waiting);
+    :meth:`finish` waits for them and builds the :class:`StepBatch`. On a CPU
+    model both happen at once.
+    """
+
+    def __init__(self, pending: list[_Pending]) -> None:
+        self.pending = pending
+        self.events: list[torch.cuda.Event] = []
+        devices: set[torch.device] = set()
+        self.moments = _rows_to_host([p.moments for p in pending], devices)
+        self.samples = _flat_to_host([p.sample for p in pending], devices)
+        streams = [torch.cuda.current_stream(device) for device in devices]
+        full_devices = {p.full_device for p in pending if p.full is not None and p.full.is_pinned()}
+        streams += [copy_stream(device) for device in full_devices]  # type: ignore[arg-type]
+        for stream in streams:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self.events.append(event)
+        devices |= full_devices  # type: ignore[arg-type]
+        self.on_accelerator = bool(devices)
+        self.nbytes = sum(p.full.nbytes for p in pending if p.full is not None)
+
+    def finish(self) -> StepBatch:
+        for event in self.events:
+            event.synchronize()
+        return _to_batch(self.pending, self.moments, self.samples)
+
+
+def _to_batch(
+    pending: list[_Pending], moments: list[tuple[list[int], torch.Tensor]], samples: _FlatParts | None
+) -> StepBatch:
+    """Columns of one step, from captures whose host copies have completed."""
     count = len(pending)
     columns = {name: np.zeros(count, dtype=dtype) for name, dtype in RECORD_COLUMNS.items()}
     shape = np.full((count, MAX_DIMS), -1, dtype=np.int64)
-    moment_rows = _gather_rows([p.moments for p in pending], width=7)
-    sample_rows = [p.sample for p in pending]
-    samples = _gather_flat(sample_rows)
+    moment_rows = np.full((count, 7), np.nan)
+    for indices, host in moments:
+        moment_rows[indices] = host.numpy()
+    counts = moment_rows[:, 5:7]
+    counts[np.isnan(counts)] = 0
     offset = 0
     f32_parts: list[np.ndarray] = []
     f64_parts: list[np.ndarray] = []
@@ -271,14 +351,15 @@ def _to_batch(pending: list[_Pending]) -> StepBatch:
             columns["sample_len"][row] = length
             offset += length
         if item.full is not None:
-            values = item.full.numpy()
+            # one host pass: convert (bf16 -> float32) and put a permuted layout in row-major order
+            values = item.full.to(full_dtype(item.full), memory_format=torch.contiguous_format).reshape(-1).numpy()
             if values.dtype == np.float64:
                 columns["full_kind"][row], columns["full_offset"][row] = FULL_F64, f64_len
                 f64_parts.append(values)
                 f64_len += values.size
             else:
                 columns["full_kind"][row], columns["full_offset"][row] = FULL_F32, f32_len
-                f32_parts.append(values.astype(np.float32, copy=False))
+                f32_parts.append(values)
                 f32_len += values.size
             columns["full_len"][row] = values.size
         else:
@@ -291,28 +372,46 @@ def _to_batch(pending: list[_Pending]) -> StepBatch:
         shape=shape,
         labels=[p.label for p in pending],
         dtypes=[p.dtype for p in pending],
-        samples=samples,
-        full_f32=np.concatenate(f32_parts) if f32_parts else None,
-        full_f64=np.concatenate(f64_parts) if f64_parts else None,
+        samples=samples.assemble() if samples is not None else None,
+        full_f32=f32_parts or None,
+        full_f64=f64_parts or None,
     )
 
 
-def _gather_rows(rows: list[torch.Tensor | None], *, width: int) -> np.ndarray:
-    """Stack per-record device vectors into one host array, NaN where absent."""
-    out = np.full((len(rows), width), np.nan)
+def _to_host(tensor: torch.Tensor, devices: set[torch.device]) -> torch.Tensor:
+    """Start copying ``tensor`` to the host; on CUDA into pinned memory, without waiting."""
+    if not tensor.is_cuda:
+        return tensor.to("cpu")
+    devices.add(tensor.device)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _rows_to_host(rows: list[torch.Tensor | None], devices: set[torch.device]) -> list[tuple[list[int], torch.Tensor]]:
+    """Stack per-record device vectors per device: ``(record indices, host tensor)`` pairs."""
     by_device: defaultdict[torch.device, list[int]] = defaultdict(list)
     for index, row in enumerate(rows):
         if row is not None:
             by_device[row.device].append(index)
-    for indices in by_device.values():
-        host = torch.stack([rows[i] for i in indices]).to("cpu").numpy()  # type: ignore[misc]
-        out[indices] = host
-    counts = out[:, 5:7]
-    counts[np.isnan(counts)] = 0
-    return out
+    return [(indices, _to_host(torch.stack([rows[i] for i in indices]), devices)) for indices in by_device.values()]  # type: ignore[misc]
 
 
-def _gather_flat(parts: list[torch.Tensor | None]) -> np.ndarray | None:
+@dataclass
+class _FlatParts:
+    """Per-device concatenations of variable-length vectors, and how to put them back in record order."""
+
+    host: dict[torch.device, torch.Tensor]
+    starts: dict[torch.device, np.ndarray]
+    order: list[tuple[torch.device, int]]
+
+    def assemble(self) -> np.ndarray:
+        arrays = {device: tensor.numpy() for device, tensor in self.host.items()}
+        pieces = [arrays[d][self.starts[d][i] : self.starts[d][i + 1]] for d, i in self.order]
+        return np.concatenate(pieces)
+
+
+def _flat_to_host(parts: list[torch.Tensor | None], devices: set[torch.device]) -> _FlatParts | None:
     present = [p for p in parts if p is not None]
     if not present:
         return None
@@ -321,7 +420,6 @@ def _gather_flat(parts: list[torch.Tensor | None]) -> np.ndarray | None:
     for part in present:
         order.append((part.device, len(by_device[part.device])))
         by_device[part.device].append(part.to(torch.float64))
-    host = {device: torch.cat(items).to("cpu").numpy() for device, items in by_device.items()}
+    host = {device: _to_host(torch.cat(items), devices) for device, items in by_device.items()}
     starts = {device: np.cumsum([0] + [t.numel() for t in items]) for device, items in by_device.items()}
-    pieces = [host[device][starts[device][i] : starts[device][i + 1]] for device, i in order]
-    return np.concatenate(pieces)
+    return _FlatParts(host, starts, order)

@@ -71,8 +71,9 @@ def read_jsonl(path: str | Path, *, skip_bad_lines: bool = False) -> Trace:
         raise TraceFormatError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise TraceFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not builder.count and not skipped:
-        raise TraceFormatError(f"{path}: no records (empty JSONL trace)")
+    if not builder.count:
+        why = f"all {skipped} non-blank lines were bad and skipped" if skipped else "empty JSONL trace"
+        raise TraceFormatError(f"{path}: no records ({why})")
     return builder.build(path, skipped=skipped)
 
 
@@ -176,9 +177,11 @@ class _Builder:
             columns[name] = direct.get(name, np.full(n, math.nan))
         for name in ("abs_sum", "sumsq"):
             columns[name] = np.full(n, math.nan)
-        for name in ("nan_count", "inf_count"):  # -1: not recorded
+        for name in ("nan_count", "inf_count"):  # -1: not recorded (or not a count: inf, negative, 1.5)
             known = direct.get(name, np.full(n, math.nan))
-            columns[name] = np.where(np.isnan(known), -1, known).astype(np.int64)
+            with np.errstate(invalid="ignore"):
+                count = np.isfinite(known) & (known >= 0) & (known < 2.0**62) & (known == np.floor(known))
+            columns[name] = np.where(count, known, -1.0).astype(np.int64)
         columns["full_kind"] = np.full(n, FULL_NONE, dtype=RECORD_COLUMNS["full_kind"])
         names = list(self.module_index)
         modules = ModuleTable(

@@ -17,6 +17,7 @@ from tracediff.errors import TraceFormatError
 from tracediff.store.format import ENCODING_TYPE, FORMAT_VERSION, FULL_F32, FULL_F64, MAX_DIMS, RECORD_COLUMNS
 from tracediff.store.lock import holder
 from tracediff.store.ranks import read_rank_layout
+from tracediff.store.validate import check_records
 from tracediff.store.writer import COMMIT_FIELDS
 from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry, Records, Trace
 
@@ -100,6 +101,14 @@ def _read(path: Path, handle: h5py.File) -> Trace:
     config = attrs.pop("config", {})
     samples = np.asarray(handle["samples"][: int(last["samples"])], dtype=np.float64)
     full = {FULL_F32: handle["full/f32"], FULL_F64: handle["full/f64"]}
+    committed_full = {FULL_F32: int(last["full_f32"]), FULL_F64: int(last["full_f64"])}
+    check_records(
+        path,
+        columns,
+        shape,
+        tables={"labels": len(labels), "dtypes": len(dtypes), "modules": len(modules.names), "samples": len(samples)},
+        full_tables={kind: min(length, full[kind].shape[0]) for kind, length in committed_full.items()},
+    )
     return Trace(
         path=str(path),
         meta=attrs,

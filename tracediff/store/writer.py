@@ -18,9 +18,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tracediff.store.diskspace import close_or_discard, guard_write
 from tracediff.store.format import (
     ENCODING_TYPE,
     FORMAT_VERSION,
+    FULL_CHUNK,
     FULL_F32,
     FULL_F64,
     FULL_NONE,
@@ -33,6 +35,8 @@ from tracediff.store.format import (
 from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable
 
 _STR = h5py.string_dtype("utf-8")
+#: Elements per h5py write call when appending values (16 MiB of float64).
+WRITE_SLICE = 1 << 21
 COMMIT_FIELDS = ("step", "records", "labels", "dtypes", "samples", "full_f32", "full_f64")
 
 
@@ -45,8 +49,9 @@ class StepBatch:
     labels: list[str] = field(default_factory=list)  # label strings, one per record
     dtypes: list[str] = field(default_factory=list)  # dtype names, one per record
     samples: np.ndarray | None = None  # flat float64 values; offsets are batch-relative
-    full_f32: np.ndarray | None = None
-    full_f64: np.ndarray | None = None
+    #: full tensors, flat: one array, or a list of arrays stored one after another (no concatenation)
+    full_f32: np.ndarray | list[np.ndarray] | None = None
+    full_f64: np.ndarray | list[np.ndarray] | None = None
 
 
 class TraceWriter:
@@ -112,8 +117,8 @@ class TraceWriter:
             self._file.create_dataset(table, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(256,))
         self._file.create_dataset("samples", shape=(0,), maxshape=(None,), dtype="f8", chunks=(VALUE_CHUNK,))
         full = self._file.create_group("full")
-        full.create_dataset("f32", shape=(0,), maxshape=(None,), dtype="f4", chunks=(VALUE_CHUNK,))
-        full.create_dataset("f64", shape=(0,), maxshape=(None,), dtype="f8", chunks=(VALUE_CHUNK,))
+        full.create_dataset("f32", shape=(0,), maxshape=(None,), dtype="f4", chunks=(FULL_CHUNK,))
+        full.create_dataset("f64", shape=(0,), maxshape=(None,), dtype="f8", chunks=(FULL_CHUNK,))
         commits = self._file.create_dataset(
             "commits", shape=(0, len(COMMIT_FIELDS)), maxshape=(None, len(COMMIT_FIELDS)), dtype="i8", chunks=(256, 7)
         )
@@ -121,8 +126,13 @@ class TraceWriter:
         self._file.create_dataset("commit_time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(256,))
 
     # -- appending -----------------------------------------------------------
+    @guard_write  # refuse a step the disk cannot hold; detach the file from the disk if a write fails anyway
     def write_step(self, step: int, batch: StepBatch) -> None:
-        """Append one step's records and commit them."""
+        """Append one step's records and commit them.
+
+        Raises:
+            OSError: the disk (or ``ulimit -f``) cannot hold the step; nothing was written.
+        """
         records = self._file["records"]
         start = records["seq"].shape[0]
         count = len(batch.labels)
@@ -173,12 +183,23 @@ class TraceWriter:
             data[found] = value
         return found
 
-    def _append(self, name: str, values: np.ndarray | None) -> int:
+    def _append(self, name: str, values: np.ndarray | list[np.ndarray] | None) -> int:
+        """Append flat values in writes of about :data:`WRITE_SLICE` elements.
+
+        Small parts are gathered into one write (an h5py call costs ~0.1 ms
+        whatever its size), large ones split, so a writer thread never keeps the
+        HDF5 library busy for long at a time.
+        """
         data = self._file[name]
         start = data.shape[0]
-        if values is not None and values.size:
-            data.resize((start + values.size,))
-            data[start:] = values
+        parts = [] if values is None else [values] if isinstance(values, np.ndarray) else values
+        total = sum(int(p.size) for p in parts)
+        if total:
+            data.resize((start + total,))
+            at = start
+            for piece in _slices(parts, WRITE_SLICE):
+                data[at : at + piece.size] = piece
+                at += piece.size
         return start
 
     def set_attr(self, key: str, value: Any) -> None:
@@ -192,4 +213,23 @@ class TraceWriter:
             return
         self._closed = True
         self._file.attrs["complete"] = True
-        self._file.close()
+        close_or_discard(self._file)  # never leave HDF5 retrying a failed flush at interpreter exit
+
+
+def _slices(parts: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """The parts' values, flat and in order, regrouped into arrays of about ``size`` elements."""
+    out: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    pending_size = 0
+    for part in parts:
+        flat = part.reshape(-1)
+        for lo in range(0, flat.size, size):
+            piece = flat[lo : lo + size]
+            pending.append(piece)
+            pending_size += piece.size
+            if pending_size >= size:
+                out.append(pending[0] if len(pending) == 1 else np.concatenate(pending))
+                pending, pending_size = [], 0
+    if pending:
+        out.append(pending[0] if len(pending) == 1 else np.concatenate(pending))
+    return out
