@@ -105,8 +105,8 @@ def analyse(
 
 def analyse_run(spec: Any, results: Mapping[str, Any], out_dir: Path, *, as_json: bool, stream: TextIO) -> int:
     """The end of ``tracediff run``: analyse the two traces, write reports, print, return 0/1."""
-    mapping = _relative(spec.map, spec.base_dir)
-    param_map = _relative(spec.param_map, spec.base_dir)
+    mapping = spec_path(spec.map, spec.base_dir)
+    param_map = spec_path(spec.param_map, spec.base_dir)
     tolerance = tolerance_from(preset_name=spec.preset, atol=spec.atol, rtol=spec.rtol)
     context = {
         "spec": spec.source,
@@ -132,7 +132,7 @@ def analyse_run(spec: Any, results: Mapping[str, Any], out_dir: Path, *, as_json
     return 0 if analysis else 1
 
 
-def _relative(value: str | None, base: Path) -> str | None:
+def spec_path(value: str | None, base: Path) -> str | None:
     """Resolve a spec-relative file path; leave 'module:ATTR' references alone."""
     if value is None:
         return None

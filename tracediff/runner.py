@@ -49,9 +49,9 @@ class SideResult:
 def trace_side(spec: RunSpec, side: str, out_dir: Path, *, progress: ProgressFn | None = None) -> SideResult:
     """Build one side, run it for ``spec.steps`` steps under the recorder, close the trace."""
     side_spec = spec.side(side)
-    device, dtype = _placement(spec, side_spec)
+    device, dtype = placement_for(spec, side_spec)
     model = build_model(spec, side_spec, device=device, dtype=dtype)
-    call = _caller(spec, side_spec)
+    call = caller_for(spec, side_spec)
     config = TraceConfig(
         layers=spec.layers or None,
         stats=spec.stats,
@@ -158,7 +158,8 @@ def make_inputs(spec: RunSpec, step: int) -> Any:
     return call_with_supported(factory, {"seed": spec.seed, "step": step, **spec.inputs_kwargs}, field=field)
 
 
-def _placement(spec: RunSpec, side: SideSpec) -> tuple[str, torch.dtype | None]:
+def placement_for(spec: RunSpec, side: SideSpec) -> tuple[str, torch.dtype | None]:
+    """The device and dtype a side runs in: its own setting, else the spec's ``[run]`` one."""
     device = side.device or spec.device
     name = side.dtype or spec.dtype
     if name is None:
@@ -184,7 +185,8 @@ def clone_inputs(inputs: Any, *, device: str | None = None, dtype: torch.dtype |
     return copy.deepcopy(inputs)
 
 
-def _caller(spec: RunSpec, side: SideSpec) -> Callable[[nn.Module, Any], Any]:
+def caller_for(spec: RunSpec, side: SideSpec) -> Callable[[nn.Module, Any], Any]:
+    """How to call a side's model: its ``call`` (method name or ``module:function``), else ``model(**inputs)``."""
     if not side.call:
         return lambda model, inputs: default_call(model, inputs)
     if ":" in side.call:

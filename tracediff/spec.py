@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,3 @@ def _check_type(spec_field: Field, value: Any, source: str) -> Any:
 def _kind_name(kind: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}[kind]
 
-
-def with_base(spec: RunSpec, base_dir: Path) -> RunSpec:
-    return replace(spec, base_dir=base_dir)

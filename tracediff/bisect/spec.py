@@ -38,9 +38,9 @@ def bisect_spec(
         SpecError: a side cannot be built or called, a step out of range.
         BisectError: nothing aligned.
     """
-    from tracediff.analysis import _relative, tolerance_from
+    from tracediff.analysis import spec_path, tolerance_from
     from tracediff.errors import SpecError
-    from tracediff.runner import _caller, _placement, build_model, clone_inputs, make_inputs
+    from tracediff.runner import build_model, caller_for, clone_inputs, make_inputs, placement_for
 
     if step is not None and not 0 <= step < spec.steps:
         raise SpecError(f"--step {step} is out of range: the spec runs {spec.steps} step(s) (0..{spec.steps - 1})")
@@ -49,10 +49,10 @@ def bisect_spec(
     placements: dict[str, Any] = {}
     for side in ("upstream", "port"):
         side_spec = spec.side(side)
-        device, dtype = _placement(spec, side_spec)
+        device, dtype = placement_for(spec, side_spec)
         placements[side] = (device, dtype)
         models[side] = build_model(spec, side_spec, device=device, dtype=dtype)
-        calls[side] = _caller(spec, side_spec)
+        calls[side] = caller_for(spec, side_spec)
     device, dtype = placements["port"]
     step_inputs = [clone_inputs(make_inputs(spec, index), device=device, dtype=dtype) for index in range(spec.steps)]
     up_device, up_dtype = placements["upstream"]
@@ -64,7 +64,7 @@ def bisect_spec(
 
     return bisect_models(
         models["upstream"], models["port"], step_inputs=step_inputs, step=step,
-        mapping=_relative(spec.map, spec.base_dir), param_map=_relative(spec.param_map, spec.base_dir),
+        mapping=spec_path(spec.map, spec.base_dir), param_map=spec_path(spec.param_map, spec.base_dir),
         tolerance=tolerance if tolerance is not None else tolerance_from(
             preset_name=spec.preset, atol=spec.atol, rtol=spec.rtol),
         upstream_call=upstream_call, port_call=calls["port"],

@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The run spec from SPEC or ``--demo`` plus spec-field flags, exactly as ``tracediff run`` builds it."""
-    from tracediff.commands.run import _spec_from_args
+    from tracediff.commands.run import spec_from_args
 
-    return _spec_from_args(args)
+    return spec_from_args(args)
 
 
 def print_result(result: Any, *, as_json: bool, stream: Any = None) -> None:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_script(args)
     if len(args.target) > 1:
         raise SpecError(f"expected one run spec, got {len(args.target)}: {' '.join(args.target)}")
-    spec = _spec_from_args(args)
+    spec = spec_from_args(args)
     out_dir = _out_dir(args)
     from tracediff.session import run_session
 
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _spec_from_args(args: argparse.Namespace) -> RunSpec:
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The run spec a command line describes: the file (or the demo) with its flags applied, validated."""
     if args.target and args.demo:
         raise SpecError("give either a run spec or --demo, not both")
     spec = load_spec(args.target[0]) if args.target else demo_spec(args.demo or "gelu_tanh")
