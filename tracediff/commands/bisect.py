@@ -18,9 +18,7 @@ import argparse
 import sys
 from typing import Any
 
-from tracediff.spec import FIELDS
-
-DEMO_BUGS = ("clean", "gelu_tanh", "ln_eps", "rope_sign", "residual_scale")
+from tracediff.commands.run import DEMO_CHOICES, add_spec_flags
 
 
 def register(subparsers: Any) -> None:
@@ -31,8 +29,8 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", nargs="*", metavar="SPEC", help="run spec (TOML); see docs/run-spec.md")
-    parser.add_argument("--demo", nargs="?", const="gelu_tanh", choices=DEMO_BUGS, metavar="BUG",
-                        help=f"bisect the built-in demo with planted bug BUG ({', '.join(DEMO_BUGS[1:])}; "
+    parser.add_argument("--demo", nargs="?", const="gelu_tanh", choices=DEMO_CHOICES, metavar="BUG",
+                        help=f"bisect the built-in demo with planted bug BUG ({', '.join(DEMO_CHOICES[1:])}; "
                              "default gelu_tanh) or 'clean'")
     parser.add_argument("--step", type=int, metavar="N",
                         help="bisect this step only (default: the first step whose top level drifts)")
@@ -43,16 +41,7 @@ def register(subparsers: Any) -> None:
                         help="with --noise-floor: a module drifts above X times its floor (default 4)")
     parser.add_argument("--max-depth", type=int, metavar="N", help="stop after N levels below the top")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the terminal view")
-    flags = parser.add_argument_group("run spec fields (a flag wins over the file; see docs/run-spec.md)")
-    for spec_field in FIELDS:
-        kwargs: dict[str, Any] = {"dest": f"spec__{spec_field.section}__{spec_field.key}", "help": spec_field.help}
-        if spec_field.kind is dict:
-            kwargs.update(action="append", metavar="KEY=VALUE")
-        elif spec_field.kind is bool:
-            kwargs.update(type=_parse_bool, metavar="true|false")
-        else:
-            kwargs.update(type=spec_field.kind, metavar=spec_field.key.upper())
-        flags.add_argument(spec_field.flag.replace("-kwargs", "-kwarg"), **kwargs)
+    add_spec_flags(parser)
     parser.set_defaults(func=run)
 
 
@@ -93,11 +82,3 @@ def print_result(result: Any, *, as_json: bool, stream: Any = None) -> None:
         return
     render_terminal(result, Console(file=stream, width=max(Console(file=stream).width, 120)))
 
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")

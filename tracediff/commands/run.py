@@ -47,6 +47,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--side", help="script mode: name of the side the command's models are traced as")
     parser.add_argument("--model-class", metavar="REGEX",
                         help="script mode: trace only top-level models whose class name matches")
+    add_spec_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per run-spec field (``spec_from_args`` reads them back); shared with ``bisect``."""
     flags = parser.add_argument_group("run spec fields (a flag wins over the file; see docs/run-spec.md)")
     for spec_field in FIELDS:
         kwargs: dict[str, Any] = {"dest": f"spec__{spec_field.section}__{spec_field.key}", "help": spec_field.help}
@@ -56,9 +62,7 @@ def register(subparsers: Any) -> None:
             kwargs.update(type=_parse_bool, metavar="true|false")
         else:
             kwargs.update(type=spec_field.kind, metavar=spec_field.key.upper())
-        flag = spec_field.flag.replace("-kwargs", "-kwarg")
-        flags.add_argument(flag, **kwargs)
-    parser.set_defaults(func=run)
+        flags.add_argument(spec_field.flag.replace("-kwargs", "-kwarg"), **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
