@@ -18,7 +18,7 @@ from rich.console import Console
 from tracediff.alignment import Alignment
 from tracediff.diff import DiffResult, diff_traces
 from tracediff.preflight import PreflightResult, check_traces, preflight_json, render_preflight
-from tracediff.report import headline, render_terminal, to_json, write_html
+from tracediff.report import headline, render_terminal, to_json, wide_console, write_html
 from tracediff.store.load import load_trace
 from tracediff.tolerance import DEFAULT_PRESET, Tolerance, preset
 
@@ -119,7 +119,7 @@ def analyse_run(spec: Any, results: Mapping[str, Any], out_dir: Path, *, as_json
     if as_json:
         stream.write(analysis.report_json.read_text() if analysis.report_json else "{}")
     else:
-        console = Console(file=stream, width=max(Console(file=stream).width, 120))
+        console = wide_console(stream)
         failures = {side: r.failures for side, r in results.items() if r.failures}
         for side, failed in failures.items():
             for module, error in failed.items():

@@ -34,6 +34,11 @@ _HTML_TABLE_MAX = 5000
 # -- shared wording --------------------------------------------------------------------
 
 
+def wide_console(stream: Any, *, min_width: int = 120) -> Console:
+    """A console on ``stream`` at least ``min_width`` columns wide, so module names stay whole."""
+    return Console(file=stream, width=max(Console(file=stream).width, min_width))
+
+
 def display_name(name: str | None) -> str:
     """A module name for people: the root module is ``<model>``."""
     if name is None:

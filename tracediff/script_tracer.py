@@ -72,7 +72,7 @@ class ScriptTracer:
         # included, which a global pre-hook cannot see) when the call returns.
         recorder = handle.recorder
         if recorder is not None:
-            recorder._root_pre_hook(module, args, {}, record_inputs=False)
+            recorder.begin_call(module, args, {}, record_inputs=False)
             self._late_inputs.add(id(module))
 
     def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:

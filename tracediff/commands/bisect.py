@@ -72,13 +72,12 @@ def spec_from_args(args: argparse.Namespace) -> Any:
 
 def print_result(result: Any, *, as_json: bool, stream: Any = None) -> None:
     """Print a bisection result to ``stream`` (stdout): JSON, or the rich terminal report."""
-    from rich.console import Console
-
     from tracediff.bisect.report import dumps, render_terminal
+    from tracediff.report import wide_console
 
     stream = stream or sys.stdout
     if as_json:
         stream.write(dumps(result))
         return
-    render_terminal(result, Console(file=stream, width=max(Console(file=stream).width, 120)))
+    render_terminal(result, wide_console(stream))
 

@@ -84,7 +84,7 @@ class Recorder:
 
     # -- hook registration ---------------------------------------------------
     def _attach(self, model: nn.Module) -> None:
-        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(self.begin_call, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._root_hook))
         for index, name in enumerate(self.module_names):
             if index == ROOT_INDEX or not self.config.layer_predicate(name):
@@ -103,7 +103,12 @@ class Recorder:
         return len(self._handles)
 
     # -- step tracking -------------------------------------------------------
-    def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: Any, *, record_inputs: bool = True) -> None:
+    def begin_call(self, module: nn.Module, args: Any, kwargs: Any, *, record_inputs: bool = True) -> None:
+        """A top-level call of the model starts: open its step (unless one is open) and record its inputs.
+
+        Registered as the root's forward pre-hook; the script tracer calls it by hand for the
+        one call during which it attached (see :meth:`record_late_inputs`).
+        """
         with self._lock:
             if self._depth == 0 and step_state.current_step() is None:
                 self._begin_step(self._auto_next)
