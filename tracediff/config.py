@@ -26,6 +26,9 @@ ENV_OVERWRITE = "TRACEDIFF_OVERWRITE"
 #: Which ranks of a ``torch.distributed`` run trace (docs/distributed.md); the FastVideo-style name is accepted too.
 ENV_RANKS = "TRACEDIFF_TRACE_RANKS"
 ENV_RANKS_FASTVIDEO = "FASTVIDEO_TRACE_RANKS"
+#: Also record each traced module's tensor inputs, so first-drift can tell a module's own error
+#: from one made before it ran, in its caller's code (docs/first-drift.md).
+ENV_INPUTS = "TRACEDIFF_TRACE_INPUTS"
 
 #: Stats FastVideo's own tracer accepts, with its default selection.
 FASTVIDEO_STATS = ("abs_mean", "sum", "min", "max", "mean", "std", "shape", "dtype")
@@ -195,6 +198,9 @@ class TraceConfig:
         output: output path template (``<pid>``, ``<rank>``, ``<side>`` placeholders).
         sample_size: elements kept per tensor by the ``sample`` stat.
         overwrite: replace an existing trace file at the output path (default: refuse).
+        inputs: also record every traced module's tensor inputs (``input[0]``, ``input.x``),
+            not only the model's own; doubles the records, and lets first-drift blame the
+            caller's code when a module's input already differs.
     """
 
     enabled: bool = True
@@ -211,6 +217,8 @@ class TraceConfig:
     ranks_source: str = "ranks"
     #: replace an existing file at the output path (``TRACEDIFF_OVERWRITE``); off, attach refuses
     overwrite: bool = False
+    #: record each traced module's inputs too (``TRACEDIFF_TRACE_INPUTS``)
+    inputs: bool = False
     layer_predicate: Callable[[str], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -236,6 +244,7 @@ class TraceConfig:
             "output": env.get(ENV_OUTPUT) or DEFAULT_OUTPUT,
             "sample_size": parse_sample_size(env.get(ENV_SAMPLE_SIZE)),
             "overwrite": parse_bool(env.get(ENV_OVERWRITE), source=ENV_OVERWRITE),
+            "inputs": parse_bool(env.get(ENV_INPUTS), source=ENV_INPUTS),
         }
         ranks_source, ranks = _ranks_from_env(env)
         if ranks is not None:

@@ -36,14 +36,18 @@ class Settings:
     root: Path = Path(".tracediff")
     layers: str | None = None
     stats: str = DEFAULT_STATS
+    #: record module inputs too (``--tracediff-inputs``/``TRACEDIFF_TRACE_INPUTS``)
+    inputs: bool = True
 
     @classmethod
-    def from_options(cls, *, mode: str, root: str, layers: str | None, stats: str | None) -> Settings:
+    def from_options(cls, *, mode: str, root: str, layers: str | None, stats: str | None,
+                     inputs: bool = True) -> Settings:
         return cls(
             mode=mode,  # type: ignore[arg-type]
             root=Path(root),
             layers=layers if layers is not None else (os.environ.get(ENV_LAYERS) or None),
             stats=stats or os.environ.get(ENV_STATS) or DEFAULT_STATS,
+            inputs=inputs,
         )
 
 
@@ -112,7 +116,8 @@ def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
     """Trace both models on the same inputs, align, diff, write reports; never raises."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = TraceConfig(layers=settings.layers, stats=settings.stats, layers_source="--tracediff-layers")
+        config = TraceConfig(layers=settings.layers, stats=settings.stats, layers_source="--tracediff-layers",
+                             inputs=settings.inputs)
         sides = (("upstream", pair.upstream, pair.upstream_call), ("port", pair.port, pair.port_call))
         for side, model, call in sides:
             # The diagnosis folder belongs to this test: a re-run replaces its traces on purpose.

@@ -9,6 +9,7 @@ torch and the rest of tracediff are imported only when a parity test runs.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -39,6 +40,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="modules to trace (default: $FASTVIDEO_TRACE_LAYERS, else all)")
     group.addoption("--tracediff-stats", default=None, metavar="LIST",
                     help="stats to record (default: $FASTVIDEO_TRACE_STATS, else tracediff's default set)")
+    group.addoption("--tracediff-inputs", choices=("on", "off"), default=None,
+                    help="also trace every module's inputs, so a drift made in a module's caller is blamed on the "
+                         "caller (default: $TRACEDIFF_TRACE_INPUTS, else on)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,7 +56,24 @@ def pytest_configure(config: pytest.Config) -> None:
         "root": config.getoption("--tracediff-dir"),
         "layers": config.getoption("--tracediff-layers"),
         "stats": config.getoption("--tracediff-stats"),
+        "inputs": _inputs_option(config.getoption("--tracediff-inputs")),
     }
+
+
+def _inputs_option(option: str | None) -> bool:
+    """``--tracediff-inputs``, else ``$TRACEDIFF_TRACE_INPUTS``, else on; a bad value stops the run at start."""
+    from tracediff.config import ENV_INPUTS, parse_bool
+    from tracediff.errors import TraceConfigError
+
+    if option is not None:
+        return option == "on"
+    value = os.environ.get(ENV_INPUTS)
+    if value is None or not value.strip():
+        return True
+    try:
+        return parse_bool(value, source=ENV_INPUTS)
+    except TraceConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 class Parity:

@@ -58,6 +58,7 @@ def trace_side(spec: RunSpec, side: str, out_dir: Path, *, progress: ProgressFn 
         steps=spec.trace_steps,
         sample_size=spec.sample_size,
         layers_source="[trace] layers",
+        inputs=spec.trace_inputs,
     )
     inputs = (clone_inputs(make_inputs(spec, step), device=device, dtype=dtype) for step in range(spec.steps))
     result = trace_model(model, side=side, steps=inputs, count=spec.steps, output=out_dir / TRACE_FILES[side],

@@ -66,6 +66,8 @@ FIELDS: list[Field] = [
     Field("trace", "stats", str, "--stats", f"comma list of stats (default {DEFAULT_STATS})"),
     Field("trace", "steps", str, "--trace-steps", "steps to record, e.g. '0,2-4' (default: all)"),
     Field("trace", "sample_size", int, "--sample-size", "elements kept per tensor by the sample stat"),
+    Field("trace", "inputs", bool, "--trace-inputs",
+          "also record every module's inputs, to tell a module's own error from its caller's (default true)"),
 ]
 _BY_SECTION: dict[str, dict[str, Field]] = {}
 for _field in FIELDS:
@@ -110,6 +112,7 @@ class RunSpec:
     stats: str = DEFAULT_STATS
     trace_steps: str | None = None
     sample_size: int | None = None
+    trace_inputs: bool = True
     base_dir: Path = Path(".")
     source: str = "<flags>"
 
@@ -214,6 +217,7 @@ def _build(values: dict[str, dict[str, Any]], *, source: str, base_dir: Path) ->
         stats=trace.get("stats", DEFAULT_STATS),
         trace_steps=trace.get("steps"),
         sample_size=trace.get("sample_size"),
+        trace_inputs=trace.get("inputs", True),
         base_dir=base_dir,
         source=source,
     )
@@ -229,7 +233,7 @@ def _to_sections(spec: RunSpec) -> dict[str, dict[str, Any]]:
     values["align"] = {"map": spec.map, "param_map": spec.param_map}
     values["tolerance"] = {"preset": spec.preset, "atol": spec.atol, "rtol": spec.rtol}
     values["trace"] = {"layers": spec.layers, "stats": spec.stats, "steps": spec.trace_steps,
-                       "sample_size": spec.sample_size}
+                       "sample_size": spec.sample_size, "inputs": spec.trace_inputs}
     return {section: {k: v for k, v in table.items() if v is not None} for section, table in values.items()}
 
 

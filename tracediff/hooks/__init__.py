@@ -279,5 +279,6 @@ def _metadata(model: nn.Module, side: str, config: TraceConfig, rank: int, world
             "sample_size": config.sample_size,
             "output": config.output,
             "ranks": sorted(config.ranks) if config.ranks is not None else None,
+            "inputs": config.inputs,
         },
     }

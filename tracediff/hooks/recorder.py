@@ -68,6 +68,7 @@ class Recorder:
         self._lock = threading.RLock()
         self._pending: list[_Pending] = []
         self._calls: defaultdict[int, int] = defaultdict(int)
+        self._input_calls: defaultdict[int, int] = defaultdict(int)
         self._seq = 0
         self._depth = 0
         self._auto_next = 0
@@ -90,11 +91,21 @@ class Recorder:
             if index == ROOT_INDEX or not self.config.layer_predicate(name):
                 continue
             module = model.get_submodule(name)
+            if self.config.inputs:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._make_hook(index)))
 
     def _make_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._guarded(index, self._record_output, index, output)
+
+        return hook
+
+    def _make_pre_hook(self, index: int) -> Any:
+        # A pre-hook, not the forward hook's ``args``: an in-place forward (ReLU(inplace=True))
+        # would already have overwritten them.
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            self._guarded(index, self._record_module_inputs, index, args, kwargs)
 
         return hook
 
@@ -149,6 +160,7 @@ class Recorder:
         self._step = step
         self._step_thread = threading.get_ident()
         self._calls.clear()
+        self._input_calls.clear()
 
     def end_step(self, step: int) -> None:
         """Called when a ``trace_step`` block exits: commit that step."""
@@ -184,14 +196,18 @@ class Recorder:
                 )
 
     def _record_inputs(self, args: Any, kwargs: Any) -> None:
+        self._record_module_inputs(ROOT_INDEX, args, kwargs)
+
+    def _record_module_inputs(self, index: int, args: Any, kwargs: Any) -> None:
+        """One call's tensor arguments, numbered like the call's outputs (calls start and end in order)."""
         with self._lock:
             step = self._current()
             if step is None or not self.config.wants_step(step):
                 return
-            call = self._calls[-1]
-            self._calls[-1] = call + 1
+            call = self._input_calls[index]
+            self._input_calls[index] = call + 1
             for label, tensor in iter_inputs(args, kwargs or {}):
-                self._capture(step, ROOT_INDEX, call, label, tensor)
+                self._capture(step, index, call, label, tensor)
 
     def _record_output(self, index: int, output: Any) -> None:
         with self._lock:
