@@ -127,3 +127,28 @@ def test_custom_dir_and_layers(parity_file) -> None:
     text = result.stdout.str()
     assert "first drift: transformer_blocks.2 (upstream blocks.2)" in text
     assert (parity_file.path / "diag" / "test_parity.py_test_buggy" / "report.json").is_file()
+
+
+def test_module_inputs_are_traced_unless_turned_off(parity_file, monkeypatch) -> None:
+    import tracediff
+
+    folder = parity_file.path / ".tracediff" / "test_parity.py_test_buggy"
+    parity_file.runpytest_subprocess("-k", "buggy").assert_outcomes(failed=1)
+    assert tracediff.open_trace(folder / "port.h5").config["inputs"] is True
+
+    result = parity_file.runpytest_subprocess("-k", "buggy", "--tracediff-inputs=off")
+    result.assert_outcomes(failed=1)
+    assert tracediff.open_trace(folder / "port.h5").config["inputs"] is False
+    assert "module inputs were not recorded" in result.stdout.str()
+
+    monkeypatch.setenv("TRACEDIFF_TRACE_INPUTS", "0")
+    parity_file.runpytest_subprocess("-k", "buggy").assert_outcomes(failed=1)
+    assert tracediff.open_trace(folder / "port.h5").config["inputs"] is False
+
+
+def test_a_bad_inputs_switch_stops_the_session_with_one_line(parity_file, monkeypatch) -> None:
+    monkeypatch.setenv("TRACEDIFF_TRACE_INPUTS", "maybe")
+    result = parity_file.runpytest_subprocess("-k", "clean")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "TRACEDIFF_TRACE_INPUTS='maybe' is not a switch value; use 1/true/on or 0/false/off" in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()

@@ -159,6 +159,21 @@ class Finding:
     upstream_record: int | None = None
     #: place in the port's execution order (an upstream-only record sits between two port records)
     position: float = math.nan
+    #: the port module whose code made the difference: ``port`` itself, or, when the record is
+    #: an input of ``port`` that already differs, the module that called it (see :func:`caller_of`)
+    culprit: str | None = None
+    #: ``culprit``'s upstream counterpart, found the same way on the upstream side
+    culprit_upstream: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.culprit is None:  # built without attribution: the record's own module
+            object.__setattr__(self, "culprit", self.port)
+            object.__setattr__(self, "culprit_upstream", self.upstream)
+
+    @property
+    def before_call(self) -> bool:
+        """The record is a module's *input*: the difference was made before that module ran."""
+        return self.culprit != self.port
 
     @property
     def metric(self) -> str:
@@ -209,10 +224,17 @@ class DiffResult:
     fail_on: frozenset[str] = DEFAULT_FAIL_ON
     upstream_path: str = ""
     port_path: str = ""
+    #: the port trace holds module inputs, so a drift made before a module ran is told apart
+    module_inputs: bool = False
     _table: _Table | None = field(default=None, repr=False)
 
     def __bool__(self) -> bool:
         return self.first_drift is None
+
+    @property
+    def port_trace(self) -> Trace | None:
+        """The port trace compared (module names and classes, for attributing a drift)."""
+        return self._table.port if self._table is not None else None
 
     @cached_property
     def rows(self) -> list[LayerRow]:
@@ -308,6 +330,7 @@ class _Match:
     only_u: np.ndarray
     only_u_pos: np.ndarray
     one_sided_modules: int
+    p_module_input: np.ndarray  # per port record: an input of a module other than the root
 
     @classmethod
     def build(cls, upstream: Trace, port: Trace, alignment: Alignment, step: int | None) -> _Match:
@@ -341,6 +364,8 @@ class _Match:
         labels: dict[str, int] = {}
         u_label = _label_map(upstream.records.labels, labels)[uc["label"]]
         p_label = _label_map(port.records.labels, labels)[pc["label"]]
+        u_module_input = _module_inputs(upstream)
+        p_module_input = _module_inputs(port)
         steps_arr = np.asarray(common, dtype=np.int64)
         u_rows = np.flatnonzero((u_pair >= 0) & np.isin(u_step, steps_arr))
         p_rows = np.flatnonzero((p_pair >= 0) & np.isin(p_step, steps_arr))
@@ -369,8 +394,10 @@ class _Match:
         u_ps = u_pair[u_rows] * n_step + u_s
         p_ps = p_pair[p_rows] * n_step + p_s
         both = _present(u_ps, n_pair * n_step) & _present(p_ps, n_pair * n_step)
-        only_p_mask = ~hit & both[p_ps]
-        only_u_mask = ~u_matched & both[u_ps]
+        # A module input that finds no partner (``input.hidden_states`` and ``input.mask`` against
+        # ``input[0]``) is a difference in calling convention, not a finding.
+        only_p_mask = ~hit & both[p_ps] & ~p_module_input[p_rows]
+        only_u_mask = ~u_matched & both[u_ps] & ~u_module_input[u_rows]
         one_sided = int(np.sum(_present(u_pair[u_rows], n_pair) ^ _present(p_pair[p_rows], n_pair)))
 
         # An upstream-only record sits right after the port record matching its predecessor.
@@ -398,6 +425,7 @@ class _Match:
             only_u=u_rows[only_u_mask],
             only_u_pos=u_pos[only_u_mask],
             one_sided_modules=int(one_sided),
+            p_module_input=p_module_input,
         )
 
 
@@ -421,6 +449,39 @@ def _pair_tables(
         u_of[ui] = p_of[pi] = len(pairs)
         pairs.append((pair.port, pair.upstream))
     return pairs, u_of, p_of
+
+
+def _module_inputs(trace: Trace) -> np.ndarray:
+    """Per record: an input of a module other than the root (traces recorded with ``inputs`` on)."""
+    records = trace.records
+    if not len(records):
+        return np.zeros(0, dtype=bool)
+    is_input = np.asarray([label.startswith("input") for label in records.labels] or [False], dtype=bool)
+    names = trace.modules.names
+    root = names.index("") if "" in names else -1
+    cols = records.columns
+    return is_input[cols["label"]] & (cols["module"] != root)
+
+
+def caller_of(name: str, trace: Trace) -> str:
+    """The module whose forward called ``name``: its nearest ancestor that runs code.
+
+    ``ModuleList``/``ModuleDict`` only hold children and are never called, so they
+    are looked through; the root (``""``) calls the top-level modules.
+    """
+    table = trace.modules
+    classes = dict(zip(table.names, table.classes, strict=False))
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        ancestor = ".".join(parts[:cut])
+        kind = classes.get(ancestor)
+        if kind is not None and kind.rsplit(".", 1)[-1] not in _NEVER_CALLED:
+            return ancestor
+    return ""
+
+
+#: Container classes that hold modules but have no forward of their own.
+_NEVER_CALLED = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
 
 
 def _present(values: np.ndarray, size: int) -> np.ndarray:
@@ -553,6 +614,9 @@ class _Table:
         pair = match.p_pair[mp]
         atol, rtol, stat_lim, am_lim = _tolerance_arrays(match.pairs, tol, pair)
         shape_mm = _shape_mismatch(upstream, port, mu, mp)
+        # A module input in another layout (or packed differently) says nothing about the code that
+        # made it: such records are left unchecked instead of failing or blaming the caller.
+        input_layout = shape_mm & match.p_module_input[mp]
         dtype_mm = _dtype_mismatch(upstream, port, mu, mp)
         nonfinite = _nonfinite(port, mp) & ~_nonfinite(upstream, mu)
         rank_mm = _rank_mismatch(port, mp) | _rank_mismatch(upstream, mu)
@@ -571,6 +635,10 @@ class _Table:
             if d is not None:
                 verdict.consider(_FIRST_STAT + j, np.where(has_el, np.nan, _ratio(d, stat_lim)), d, stat_lim)
         ratio, check = verdict.result()
+        ratio[input_layout] = np.nan
+        check[input_layout] = -1
+        shape_mm = shape_mm & ~input_layout
+        failed = _input_failures_need_output(np.nan_to_num(ratio, nan=0.0) > 1.0, match, mp, port)
         stat_max = np.fmax.reduce(np.vstack(list(stat_drift.values())), axis=0) if stat_drift else np.full(n, np.nan)
         drift = np.where(has_el, el.rel_l2, stat_max)
         step = match.p_step[mp]
@@ -589,7 +657,7 @@ class _Table:
             check=check,
             value=verdict.value,
             limit=verdict.limit,
-            failed=np.nan_to_num(ratio, nan=0.0) > 1.0,
+            failed=failed,
             elements=el.kind,
             max_abs_err=el.max_abs,
             rel_l2=el.rel_l2,
@@ -640,6 +708,27 @@ class _Table:
             port_record=p,
             upstream_record=u,
         )
+
+
+def _input_failures_need_output(failed: np.ndarray, match: _Match, mp: np.ndarray, port: Trace) -> np.ndarray:
+    """A module input counts as drifting only when an output of the same call drifts too.
+
+    Two implementations may pass a module different things under the same label (a
+    second positional argument holding text tokens on one side and modulation on the
+    other). A difference the module's output does not show is such a convention, not
+    an error: it must not make a clean pair fail, nor take the blame from the module.
+    """
+    is_input = match.p_module_input[mp]
+    if not is_input.any():
+        return failed
+    pc = port.records.columns
+    call = pc["call"][mp].astype(np.int64)
+    key = (match.p_pair[mp].astype(np.int64) * (int(match.p_step[mp].max(initial=0)) + 2) + match.p_step[mp] + 1)
+    key = key * (int(call.max(initial=0)) + 1) + call
+    failing_outputs = key[failed & ~is_input]
+    out = failed.copy()
+    out[is_input] &= np.isin(key[is_input], failing_outputs)
+    return out
 
 
 class _Verdict:
@@ -1005,6 +1094,7 @@ def _collect(table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: T
         fail_on=fail_on,
         upstream_path=upstream.path,
         port_path=port.path,
+        module_inputs=bool(m.p_module_input.any()),
         _table=table,
     )
 
@@ -1036,6 +1126,8 @@ class _FindingFactory:
                 f"{_name(port_name)} did not",
                 upstream_record=u,
                 position=position,
+                culprit=port_name,
+                culprit_upstream=upstream_name,
             )
         if kind == "missing_in_upstream":
             p = int(m.only_p[ref])
@@ -1048,12 +1140,17 @@ class _FindingFactory:
                 f"{_name(upstream_name)} did not",
                 port_record=p,
                 position=position,
+                culprit=port_name,
+                culprit_upstream=upstream_name,
             )
         row = t.row(ref)
+        culprit, culprit_upstream = row.port, row.upstream
+        if m.p_module_input[row.port_record]:
+            culprit, culprit_upstream = caller_of(row.port, t.port), caller_of(row.upstream, t.upstream)
         return Finding(
             kind, row.step, row.call, row.label, row.port, row.upstream, kind in self.fail_on,
             _message(kind, row, t), row=row, port_record=row.port_record, upstream_record=row.upstream_record,
-            position=position,
+            position=position, culprit=culprit, culprit_upstream=culprit_upstream,
         )
 
 
@@ -1109,5 +1206,6 @@ __all__ = [
     "Finding",
     "FindingKind",
     "LayerRow",
+    "caller_of",
     "diff_traces",
 ]

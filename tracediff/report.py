@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tracediff.diff import DiffResult, Finding, LayerRow
+from tracediff.config import ENV_INPUTS
+from tracediff.diff import DiffResult, Finding, LayerRow, caller_of
 
 #: Rows shown before and after the first drift in the terminal and HTML tables.
 CONTEXT_ROWS = 5
@@ -59,6 +60,13 @@ def headline(result: DiffResult) -> str:
             f"in step{'s' if len(result.steps) != 1 else ''} {_steps(result.steps)} ({result.tolerance.describe()})"
         )
     what = first.message if first.kind == "drift" else f"{first.kind.replace('_', ' ')}: {first.message}"
+    if first.before_call:
+        return (
+            f"first drift: {display_name(first.culprit)} (upstream {display_name(first.culprit_upstream)}), "
+            f"step {first.step}: its own code, before it calls {display_name(first.port)} "
+            f"(upstream {display_name(first.upstream)}), whose {first.label} (call {first.call}) "
+            f"already differs: {what}"
+        )
     return (
         f"first drift: {display_name(first.port)} (upstream {display_name(first.upstream)}), "
         f"step {first.step}, call {first.call}, tensor {first.label}: {what}"
@@ -117,6 +125,13 @@ def _detail_lines(result: DiffResult) -> list[str]:
                 else f"none: the first compared record of step {first.step} already breaks tolerance"
             )
         )
+        port_trace = result.port_trace
+        if not first.before_call and not result.module_inputs and first.port and port_trace is not None:
+            lines.append(
+                f"module inputs were not recorded: if {display_name(first.port)}'s own code is right, the error was "
+                f"made before it ran, in {display_name(caller_of(first.port, port_trace))}; "
+                f"trace with {ENV_INPUTS}=1 to tell"
+            )
         later = [s for s in result.drifting_steps if s != first.step]
         if later:
             lines.append(f"also drifts in step{'s' if len(later) > 1 else ''} {_steps(later)}")
@@ -253,6 +268,9 @@ def _finding_dict(finding: Finding) -> dict[str, Any]:
         "tensor": finding.label,
         "port": finding.port,
         "upstream": finding.upstream,
+        "culprit": finding.culprit,
+        "culprit_upstream": finding.culprit_upstream,
+        "before_call": finding.before_call,
         "message": finding.message,
         "metric": finding.metric,
         "value": _clean(finding.value),
@@ -406,7 +424,7 @@ def svg_chart(result: DiffResult, *, width: int = 960, height: int = 320) -> str
         dx = -10 if anchor == "end" else 10
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="#c62828" stroke-width="2"/>')
         parts.append(f'<text x="{x + dx:.1f}" y="{max(y - 10, top + 12):.1f}" text-anchor="{anchor}" fill="#c62828">'
-                     f"first drift: {_esc(display_name(first.port))}</text>")
+                     f"first drift: {_esc(display_name(first.culprit))}</text>")
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">'
                  f"aligned records in port execution order (step {result.curve_step}), {n} in all</text>")
     parts.append(f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '

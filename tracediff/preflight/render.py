@@ -58,7 +58,7 @@ def likely_cause(result: PreflightResult, diff: Any) -> str | None:
     first = getattr(diff, "first_drift", None)
     if first is None:
         return None
-    return result.likely_cause(first.port, first.step)
+    return result.likely_cause(first.culprit, first.step)
 
 
 def preflight_json(result: PreflightResult, diff: Any = None) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def preflight_json(result: PreflightResult, diff: Any = None) -> dict[str, Any]:
     first = getattr(diff, "first_drift", None)
     if first is None:
         return result.to_dict()
-    return result.to_dict(first_drift_port=first.port, first_drift_step=first.step)
+    return result.to_dict(first_drift_port=first.culprit, first_drift_step=first.step)
 
 
 def findings_table(rows: list[ParamCheck | InputCheck], *, width: int) -> Table:
