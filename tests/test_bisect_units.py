@@ -196,3 +196,74 @@ def test_bad_arguments_are_one_clear_error() -> None:
         bisect_models(upstream, port, step_inputs=[x], step=3, alignment=alignment)
     with pytest.raises(BisectError, match="nothing to isolate"):
         bisect_models(upstream, port, x, alignment=Alignment(pairs=[Pair("", "", "root", 1.0)]))
+
+
+class _UpstreamEmbedNet(nn.Module):
+    """Adds its position table in its own forward (as timm's ViT does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.pos = nn.Parameter(torch.randn(5, 8))
+        self.drop = nn.Dropout(0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.proj(x) + self.pos))
+
+
+class _Embed(nn.Module):
+    """The port's embedding module: no upstream counterpart; adds the table, rolled when ``shift``."""
+
+    def __init__(self, shift: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.pos = nn.Parameter(torch.randn(5, 8))
+        self.drop = nn.Dropout(0.0)
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.roll(self.pos, 1, dims=0) if self.shift else self.pos
+        return self.drop(self.proj(x) + table)
+
+
+class _PortEmbedNet(nn.Module):
+    def __init__(self, shift: bool) -> None:
+        super().__init__()
+        self.embed = _Embed(shift)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def _embed_pair(shift: bool) -> tuple[nn.Module, nn.Module, Alignment]:
+    torch.manual_seed(0)
+    upstream, port = _UpstreamEmbedNet(), _PortEmbedNet(shift)
+    port.load_state_dict({f"embed.{k}" if not k.startswith("head") else k: v
+                          for k, v in upstream.state_dict().items()})
+    alignment = Alignment(pairs=[Pair("proj", "embed.proj", "map", 1.0), Pair("drop", "embed.drop", "map", 1.0),
+                                 Pair("head", "head", "map", 1.0)])
+    return upstream, port, alignment
+
+
+def test_a_bug_in_a_module_with_no_counterpart_is_named_by_that_module() -> None:
+    upstream, port, alignment = _embed_pair(shift=True)
+    result = bisect_models(upstream, port, torch.randn(2, 5, 8), alignment=alignment, call=lambda m, x: m(x),
+                           tolerance="fp32")
+    # No aligned module adds error (drop is fed upstream's input); the operator trace of the model
+    # looks through "embed" and finds the add of the rolled table running in its forward.
+    assert all(not m.drifts for m in result.path[0].modules)
+    assert (result.culprit, result.culprit_upstream, result.found_in) == ("embed", "", "")
+    op = result.operator
+    assert op is not None and op.port_op is not None and op.upstream_op is not None
+    assert (op.port_op.name, op.port_op.module, op.upstream_op.module) == ("Tensor.add", "embed", "")
+    assert "self.drop(self.proj(x) + table)" in op.port_op.source.code  # type: ignore[union-attr]
+    assert [(ref.name, ref.module) for ref in op.suspects] == [("roll", "embed")]  # the rolled table feeds it
+
+
+def test_a_clean_module_with_no_counterpart_gives_no_culprit() -> None:
+    upstream, port, alignment = _embed_pair(shift=False)
+    result = bisect_models(upstream, port, torch.randn(2, 5, 8), alignment=alignment, call=lambda m, x: m(x),
+                           tolerance="fp32")
+    assert result.culprit is None and bool(result)

@@ -371,8 +371,17 @@ class _Session:
         finding = None
         if operators:
             finding = self._operators(parent_error, parent_measured, inputs)
-        return self._result(path, parent, parent_up, parent_error, output, output_drifts, step, checked, notes,
-                            finding)
+        culprit, culprit_up, found_in = parent, parent_up, None
+        if finding is not None and finding.port_op is not None and finding.port_op.module:
+            # The first differing operator ran in a child with no counterpart (the operator trace
+            # looks through those): that child's forward is the narrowest place to name.
+            found_in = parent
+            culprit = _join(parent, finding.port_op.module)
+            culprit_up = _join(parent_up, finding.upstream_op.module if finding.upstream_op else "")
+        result = self._result(path, culprit, culprit_up, parent_error, output, output_drifts, step, checked, notes,
+                              finding)
+        result.found_in = found_in
+        return result
 
     def _operators(self, culprit: ModuleError | None, measured: _Measured | None, inputs: Any) -> OpFinding | None:
         port_name = culprit.port if culprit else ROOT
@@ -421,6 +430,13 @@ class _Session:
             forward_passes=self.passes, module_calls=self.module_calls, noise_floor=self.noise_floor,
             noise_factor=self.noise_factor, notes=notes, output_floor=self._output_floor,
         )
+
+
+def _join(parent: str, child: str) -> str:
+    """A descendant's full name from its parent's name and its name relative to the parent."""
+    if not child:
+        return parent
+    return f"{parent}.{child}" if parent else child
 
 
 def _child_keys(modules: Mapping[str, nn.Module], parent: str, keys: Mapping[str, str]) -> dict[str, str]:

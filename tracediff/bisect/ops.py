@@ -6,8 +6,12 @@ isolation (the reference's, or the port's own when they were reference-fed), und
 the module's own Python code (``x * y``, ``torch.cat``, ``F.scaled_dot_product_attention``,
 ``Tensor.flatten``): its name, output values, the operators that produced its
 inputs, and the first stack frame outside torch and tracediff (file, line,
-function, source text). Calls of child modules are recorded as one operator
-each (the children were already found clean); what runs inside them is not.
+function, source text). Calls of aligned child modules, and of torch.nn layers, are
+recorded as one operator each (the aligned ones were already found clean); what
+runs inside them is not. Children with no counterpart that are the user's own
+code (``ViTEmbeddings``, torchvision's ``Encoder``) are looked through instead:
+their operators count as the module's own, each tagged with the child it ran in,
+so a bug in a module with no upstream counterpart is named by that module.
 
 Two independently written forwards rarely run the same operators (fused
 projections, complex-number RoPE against real cos/sin, different layouts), so
@@ -44,7 +48,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 from tracediff.bisect.metrics import Metrics, compare
 from tracediff.bisect.result import OpFinding, OpRef, Source
-from tracediff.bisect.tree import tensor_leaves
+from tracediff.bisect.tree import is_container, tensor_leaves
 from tracediff.tolerance import Tolerance
 
 #: Elements of operator outputs kept per side; outputs beyond it are recorded without values.
@@ -87,18 +91,24 @@ class _Node:
     value: torch.Tensor | None
     source: Source | None
     inputs: tuple[int, ...]
+    owner: str = ""  # the looked-through child it ran in (relative name), "" for the module itself
+    child: str = ""  # for a child module's output: that child (relative name)
 
     def ref(self) -> OpRef:
-        return OpRef(self.index, self.name, self.shape, self.dtype, self.source)
+        return OpRef(self.index, self.name, self.shape, self.dtype, self.source, self.owner)
 
 
 class _Recorder(TorchFunctionMode):
     """Records torch calls made directly by one module's forward (children are one node each)."""
 
-    def __init__(self, module_keys: Mapping[str, str], max_elements: int = MAX_ELEMENTS) -> None:
+    def __init__(self, module_keys: Mapping[str, str], max_elements: int = MAX_ELEMENTS,
+                 look_through: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.nodes: list[_Node] = []
         self.module_keys = dict(module_keys)
+        self.look_through = look_through
+        self._owners: list[str] = []
+        self._opened: list[bool] = []  # per child call in progress: was it looked through?
         self.max_elements = max_elements
         self._elements = 0
         self._producer: dict[int, int] = {}
@@ -130,7 +140,7 @@ class _Recorder(TorchFunctionMode):
         self._add(label, "input", "input", tensor, None, ())
 
     def _add(self, name: str, family: str, kind: str, tensor: torch.Tensor, source: Source | None,
-             inputs: tuple[int, ...]) -> None:
+             inputs: tuple[int, ...], child: str = "") -> None:
         self._busy = True
         try:
             value = None
@@ -138,7 +148,7 @@ class _Recorder(TorchFunctionMode):
                 value = tensor.detach().clone()
                 self._elements += tensor.numel()
             node = _Node(len(self.nodes), name, family, kind, tuple(tensor.shape), str(tensor.dtype).replace(
-                "torch.", ""), value, source, inputs)
+                "torch.", ""), value, source, inputs, self._owners[-1] if self._owners else "", child)
             self.nodes.append(node)
             self._producer[id(tensor)] = node.index
             self._keep.append(tensor)
@@ -166,6 +176,11 @@ class _Recorder(TorchFunctionMode):
 
     def _pre(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            opened = self._depth == 0 and name in self.look_through
+            self._opened.append(opened)
+            if opened:
+                self._owners.append(name)
+                return
             if self._depth == 0:
                 self._child_inputs.append(self._producers((args, kwargs)))
             self._depth += 1
@@ -174,6 +189,9 @@ class _Recorder(TorchFunctionMode):
 
     def _post(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self._opened and self._opened.pop():
+                self._owners.pop()
+                return
             self._depth -= 1
             if self._depth > 0:
                 return
@@ -181,7 +199,8 @@ class _Recorder(TorchFunctionMode):
             key = self.module_keys.get(name) or f"{type(module).__name__}"
             source = _source()
             for tensor in tensor_leaves(output):
-                self._add(f"{name} ({type(module).__name__})", f"module:{key}", "module", tensor, source, inputs)
+                self._add(f"{name} ({type(module).__name__})", f"module:{key}", "module", tensor, source, inputs,
+                          child=name)
 
         return hook
 
@@ -191,6 +210,7 @@ def trace_ops(
     inputs: tuple[tuple[Any, ...], dict[str, Any]],
     *,
     module_keys: Mapping[str, str] | None = None,
+    look_through: frozenset[str] = frozenset(),
     call: Any = None,
 ) -> tuple[list[_Node], list[int]]:
     """Run ``module`` once on ``inputs`` recording its operators.
@@ -200,12 +220,13 @@ def trace_ops(
         inputs: ``(args, kwargs)`` for ``module(*args, **kwargs)``.
         module_keys: child module name (relative to ``module``) -> a key shared with its
             counterpart on the other side (aligned children compare as one operator).
+        look_through: child names (relative) whose operators are recorded as the module's own.
         call: ``call(module, args, kwargs)`` instead of ``module(*args, **kwargs)``.
 
     Returns:
         The recorded nodes and the node indices of the module's output tensors.
     """
-    recorder = _Recorder(module_keys or {})
+    recorder = _Recorder(module_keys or {}, look_through=look_through)
     args, kwargs = inputs
     for label, tensor in zip(_input_labels(inputs), tensor_leaves(inputs), strict=False):
         recorder.add_input(tensor, label)
@@ -466,6 +487,14 @@ def is_builtin(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.")
 
 
+def look_through(module: nn.Module, keys: Mapping[str, str]) -> frozenset[str]:
+    """Descendants (relative names) with no counterpart whose forward is the user's code, not torch's."""
+    return frozenset(
+        name for name, child in module.named_modules()
+        if name and name not in keys and not is_builtin(child) and not is_container(child)
+    )
+
+
 def operator_level(
     port_module: nn.Module,
     upstream_module: nn.Module,
@@ -480,10 +509,35 @@ def operator_level(
     port_call: Any = None,
     upstream_call: Any = None,
 ) -> OpFinding:
-    """Trace both modules alone on their captured inputs and find the first differing operator."""
-    port_nodes, port_out = trace_ops(port_module, port_inputs, module_keys=port_keys, call=port_call)
-    up_nodes, up_out = trace_ops(upstream_module, upstream_inputs, module_keys=upstream_keys, call=upstream_call)
-    finding = find_first_difference(port_nodes, up_nodes, tolerance, port_outputs=port_out,
-                                    upstream_outputs=up_out, module=port_name, upstream_module=upstream_name)
+    """Trace both modules alone on their captured inputs and find the first differing operator.
+
+    Children are first compared as whole operators. When the difference leads back to
+    a child with no counterpart whose forward is the user's code, both modules are
+    traced again looking through such children, so the answer names the operator
+    inside it (and the child it ran in) rather than "somewhere in that child".
+    """
+
+    def compare(port_open: frozenset[str], up_open: frozenset[str]) -> tuple[OpFinding, list[_Node]]:
+        port_nodes, port_out = trace_ops(port_module, port_inputs, module_keys=port_keys, call=port_call,
+                                         look_through=port_open)
+        up_nodes, up_out = trace_ops(upstream_module, upstream_inputs, module_keys=upstream_keys,
+                                     call=upstream_call, look_through=up_open)
+        found = find_first_difference(port_nodes, up_nodes, tolerance, port_outputs=port_out,
+                                      upstream_outputs=up_out, module=port_name, upstream_module=upstream_name)
+        return found, port_nodes
+
+    finding, nodes = compare(frozenset(), frozenset())
+    port_open = look_through(port_module, port_keys or {})
+    blamed = [ref for ref in (finding.port_op, *finding.suspects) if ref is not None]
+    suspected = {nodes[ref.index].child for ref in blamed} & port_open
+    if suspected:
+        inside = frozenset(name for name in port_open if any(_is_at_or_below(name, s) for s in suspected))
+        deeper, _ = compare(inside, look_through(upstream_module, upstream_keys or {}))
+        if deeper.port_op is not None:
+            finding = deeper
     finding.settings = module_settings(port_module, upstream_module)
     return finding
+
+
+def _is_at_or_below(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(ancestor + ".")

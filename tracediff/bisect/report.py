@@ -100,6 +100,9 @@ def dumps(result: BisectResult) -> str:
 
 def _details(result: BisectResult) -> list[str]:
     lines = []
+    if result.found_in is not None and result.culprit is not None:
+        lines.append(f"{display_name(result.culprit)} has no upstream counterpart: the operator trace of "
+                     f"{display_name(result.found_in)} found the first differing operator in its forward")
     if result.steps_checked > 1 and result.culprit is not None:
         lines.append(f"step {result.step} is the first of {result.steps_checked} steps checked whose top level drifts")
     elif result.steps_checked > 1:
@@ -198,9 +201,9 @@ def operator_lines(finding: OpFinding) -> list[str]:
     lines.append(f"  first differing operator: {finding.port_op.name} {_shape(finding.port_op)}"
                  + (f", rel. error {_num(finding.metrics.rel_l2)} (max abs {_num(finding.metrics.max_abs)})"
                     if finding.metrics is not None else ""))
-    lines.append(f"    port:     {_where(finding.port_op)}")
+    lines.append(f"    port:     {_where(finding.port_op)}{_ran_in(finding.port_op, finding.module)}")
     lines.append(f"    upstream: {_where(finding.upstream_op)}  [{finding.upstream_op.name} "
-                 f"{_shape(finding.upstream_op)}]")
+                 f"{_shape(finding.upstream_op)}]{_ran_in(finding.upstream_op, finding.upstream_module)}")
     if finding.last_match is not None:
         port, upstream = finding.last_match
         lines.append(f"  last matching operator: {_where(port)}  ≙  upstream {_where(upstream)}")
@@ -227,6 +230,13 @@ def _where(ref: OpRef) -> str:
     if ref.source is None:
         return f"{ref.name} (no source line)"
     return f"{ref.source.short()}: {ref.source.code}"
+
+
+def _ran_in(ref: OpRef, traced: str) -> str:
+    """Where a looked-through child's operator ran: that child's full name."""
+    if not ref.module:
+        return ""
+    return f"  (in {f'{traced}.{ref.module}' if traced else ref.module})"
 
 
 def _shape(ref: OpRef) -> str:

@@ -143,6 +143,8 @@ class OpRef:
     shape: tuple[int, ...]
     dtype: str
     source: Source | None
+    #: the child with no counterpart it ran in, relative to the traced module ("" = the module's own code)
+    module: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +153,7 @@ class OpRef:
             "shape": list(self.shape),
             "dtype": self.dtype,
             "source": self.source.to_dict() if self.source else None,
+            "module": self.module,
         }
 
 
@@ -223,6 +226,8 @@ class BisectResult:
         noise_factor: how many times its noise floor a module's local error may be.
         notes: things worth knowing that are not findings.
         output_floor: the model output's own noise floor (calibrated runs only).
+        found_in: when the culprit is a module with no upstream counterpart, the isolated
+            module whose operator trace found it running inside (``None`` otherwise).
     """
 
     tolerance: Tolerance
@@ -241,6 +246,7 @@ class BisectResult:
     noise_factor: float = 0.0
     notes: list[str] = field(default_factory=list)
     output_floor: Metrics | None = None
+    found_in: str | None = None
 
     def __bool__(self) -> bool:
         return self.culprit is None and not self.output_drifts
@@ -258,6 +264,7 @@ class BisectResult:
             "headline": headline(self),
             "culprit": self.culprit,
             "culprit_upstream": self.culprit_upstream,
+            "found_in": self.found_in,
             "step": self.step,
             "steps_checked": self.steps_checked,
             "forward_passes": self.forward_passes,
