@@ -5,11 +5,11 @@ For every (port, bug): the ``parity`` fixture must fail the buggy pair at the
 available, must name the bug's module (``vit_bugs.Bug.expected``). The results
 are collected into the table printed at the end of the run (conftest.py).
 
-Where tracediff cannot name the expected module yet, the exact expectation is
-kept and marked ``xfail(strict=True, raises=CulpritMissed)``: it turns into a
-failure the day tracediff gets it right (so the mark gets removed), and any
-other failure (a worse answer than today's) still fails. Today's weaker answer
-is asserted first, with a plain ``assert``.
+Every row must name the expected module: the two cases that once needed more than
+"the first module whose output differs" (a bug in a module's own forward between two
+children; a bug in a module with no upstream counterpart) are answered by traced
+module inputs (first-drift blames the caller when a module's input already differs) and
+by the operator trace looking through modules with no counterpart (bisection).
 """
 
 from __future__ import annotations
@@ -31,33 +31,6 @@ PRESET = "fp32"
 
 class CulpritMissed(AssertionError):
     """tracediff named another module than the bug's."""
-
-
-#: first-drift names the first module whose *output* differs. A bug in a module's own
-#: forward, between two children, first shows in the child that runs next, which is correct
-#: code: the exact answer needs the reference's inputs, which is bisection's job.
-FIRST_DRIFT_LIMITS = {
-    ("transformers", "softmax_scale"): "names vit.layers.3.attention.o_proj, the child that runs after the scale",
-    ("transformers", "pos_embed_shift"): "names vit.embeddings.dropout, the child that runs after the addition",
-    ("torchvision", "pos_embed_shift"): "names encoder.dropout, the child that runs after the addition",
-}
-#: Bisection isolates aligned modules. The module adding the position table has no
-#: counterpart upstream (timm adds it in the model's own forward), so bisection can only
-#: say it is the model's own code.
-BISECT_LIMITS = {
-    ("transformers", "pos_embed_shift"): "names the model's own forward: vit.embeddings has no upstream counterpart",
-    ("torchvision", "pos_embed_shift"): "names the model's own forward: encoder has no upstream counterpart",
-}
-
-
-def _cases(limits: dict[tuple[str, str], str]) -> list[object]:
-    cases = []
-    for port in PORTS.values():
-        for bug in port.bugs:
-            reason = limits.get((port.name, bug.name))
-            marks = [pytest.mark.xfail(raises=CulpritMissed, strict=True, reason=reason)] if reason else []
-            cases.append(pytest.param(port.name, bug.name, marks=marks, id=f"{port.name}-{bug.name}"))
-    return cases
 
 
 ALL_CASES = [pytest.param(p.name, b.name, id=f"{p.name}-{b.name}") for p in PORTS.values() for b in p.bugs]
@@ -112,21 +85,18 @@ def test_buggy_pair_fails_parity(parity, buggy, upstream, images) -> None:
     assert "first drift: " in message, message  # the diagnosis is attached to the failure
 
 
-@pytest.mark.parametrize(("port_name", "bug_name"), _cases(FIRST_DRIFT_LIMITS))
+@pytest.mark.parametrize(("port_name", "bug_name"), ALL_CASES)
 def test_first_drift_names_culprit(buggy, upstream, images, diagnoses, bug_rows, tmp_path) -> None:
     port, bug, model = buggy
     diagnosis = _diagnosis(diagnoses, port, bug, upstream, model, images, tmp_path)
     first = diagnosis.analysis.result.first_drift
     assert first is not None and first.kind == "drift", diagnosis.section()
-    _record(bug_rows, port, bug, FIRST_DRIFT, first.port)
-    if (port.name, bug.name) in FIRST_DRIFT_LIMITS:
-        # today's answer: the first child of the culprit to run after its faulty code
-        assert first.port.startswith(bug.expected + "."), first.port
-    if not bug.named_correctly(first.port):
-        raise CulpritMissed(f"first drift names {first.port!r}, expected {bug.expected!r}\n{diagnosis.section()}")
+    _record(bug_rows, port, bug, FIRST_DRIFT, first.culprit)
+    if not bug.named_correctly(first.culprit):
+        raise CulpritMissed(f"first drift names {first.culprit!r}, expected {bug.expected!r}\n{diagnosis.section()}")
 
 
-@pytest.mark.parametrize(("port_name", "bug_name"), _cases(BISECT_LIMITS))
+@pytest.mark.parametrize(("port_name", "bug_name"), ALL_CASES)
 def test_bisect_names_culprit(buggy, upstream, images, diagnoses, bug_rows, tmp_path) -> None:
     port, bug, model = buggy
     try:
@@ -140,8 +110,6 @@ def test_bisect_names_culprit(buggy, upstream, images, diagnoses, bug_rows, tmp_
                            alignment=diagnosis.analysis.alignment)
     assert result.culprit is not None, "bisection found no culprit"
     _record(bug_rows, port, bug, BISECT, result.culprit)
-    if (port.name, bug.name) in BISECT_LIMITS:
-        assert result.culprit == "", result.culprit  # today's answer: the model's own forward
     if not bug.named_correctly(result.culprit):
         raise CulpritMissed(f"bisection names {result.culprit!r}, expected {bug.expected!r}")
 

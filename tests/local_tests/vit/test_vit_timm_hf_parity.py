@@ -82,14 +82,15 @@ def test_weightless_layers_are_paired_and_compared(analysis) -> None:
         act = f"vit.layers.{n}.mlp.activation_fn"
         # timm's act is followed by drop1 and an Identity (mlp.norm): three look-alikes against one
         assert pairs[f"blocks.{n}.mlp.act"] == act
-        assert compared[act] == ["out"]
+        assert compared[act] == ["input[0]", "out"]  # module inputs are traced too
 
 
 def test_tuple_and_model_output_records_are_compared(analysis) -> None:
     pairs, compared = _pairs(analysis), _compared(analysis)
     for n in BLOCKS:
         assert pairs[f"blocks.{n}.attn"] == f"vit.layers.{n}.attention"
-        assert compared[f"vit.layers.{n}.attention"] == ["out[0]"]  # (output, None) against a tensor
+        # (output, None) against a tensor; the input is compared whatever each side calls it
+        assert compared[f"vit.layers.{n}.attention"] == ["input[0]", "out[0]"]
     assert compared[""] == ["input.pixel_values", "out.logits"]  # ImageClassifierOutput against a tensor
 
 
