@@ -9,6 +9,8 @@ random weights. One run measures, in this order:
 * ``attach`` with tracing switched off (no hook is registered);
 * tracediff stats tracing (``abs_mean,sum,min,max,mean,std``) of the blocks
   (``^blocks\\.\\d+$``) and of every module, plus ``sample`` at every module;
+* the same with module inputs recorded too (``inputs=True``, what ``run`` and the
+  pytest plugin do by default), at the block and all-modules level;
 * the same all-modules trace with the statistics reduced the way tracediff 0.1
   did (float64 PyTorch reductions) and with PyTorch float32 reductions instead
   of the fused kernel, to show what each change is worth;
@@ -440,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             trace.unlink()
         print(f"  {name:<34} {row['median'] * 1e3:9.1f} ms", flush=True)
 
-    def traced(layers: str | None, stats_: str = STATS) -> Callable[[], Any]:
+    def traced(layers: str | None, stats_: str = STATS, inputs: bool = False) -> Callable[[], Any]:
         def make() -> Any:
             out = folder / f"trace-{len(rows)}.h5"
-            return attach(model, side="port", config=TraceConfig(layers=layers, stats=stats_), output=out)
+            config = TraceConfig(layers=layers, stats=stats_, inputs=inputs)
+            return attach(model, side="port", config=config, output=out)
 
         return make
 
@@ -455,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     measure("tracediff stats, blocks", traced(BLOCKS))
     measure("tracediff stats, all modules", traced(None))
     measure("tracediff stats+sample, all modules", traced(None, STATS + ",sample"))
+    measure("tracediff stats + module inputs, blocks", traced(BLOCKS, inputs=True))
+    measure("tracediff stats + module inputs, all modules", traced(None, inputs=True))
     measure("tracediff full, 2 blocks", traced(FULL_TWO_BLOCKS, "full"))
     measure("  same, torch f32 reductions", traced(None), method="torch-f32")
     measure("  same, v0.1 f64 reductions", traced(None), repeat=args.naive_repeat, method="v1-f64")

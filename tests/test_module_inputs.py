@@ -254,3 +254,35 @@ def test_alignment_is_the_same_with_and_without_inputs(tmp_path: Path) -> None:
         alignment = align_traces(*traces)
         found.append(sorted((p.upstream, p.port) for p in alignment.pairs))
     assert found[0] == found[1] and len(found[0]) > 50
+
+
+def test_an_input_that_is_the_previous_output_is_reduced_once(tmp_path: Path, monkeypatch) -> None:
+    from tracediff.hooks import recorder
+
+    reduced: list[tuple[int, ...]] = []
+    real = recorder.moments
+
+    def counting(tensor: torch.Tensor) -> torch.Tensor:
+        reduced.append(tuple(tensor.shape))
+        return real(tensor)
+
+    monkeypatch.setattr(recorder, "moments", counting)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    with tracediff.attach(model, side="port", config=TraceConfig(stats="sum", inputs=True), output=tmp_path / "t.h5"):
+        model(torch.randn(3, 4))
+    # x is the model's input and Linear 0's; each output is the next module's input (and the
+    # last one the model's output): 4 distinct tensors behind 8 records.
+    assert reduced == [(3, 4), (3, 5), (3, 5), (3, 2)]
+    assert len(tracediff.open_trace(tmp_path / "t.h5").records) == 8
+
+
+def test_inference_mode_tensors_are_recorded_without_reuse(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))
+    with tracediff.attach(model, side="port", config=TraceConfig(stats="sum", inputs=True), output=tmp_path / "t.h5"):
+        with torch.inference_mode():
+            model(torch.randn(3, 4) - 1.0)
+    t = tracediff.open_trace(tmp_path / "t.h5")
+    sums = [float(v) for v in t.records.columns["sum"]]
+    labels = [t.records.label_of(i) for i in range(len(t.records))]
+    assert labels == ["input[0]", "input[0]", "out", "input[0]", "out", "out"]
+    assert sums[3] != pytest.approx(sums[4])  # ReLU's input before its in-place change, its output after

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,8 @@ class Recorder:
         self._pending: list[_Pending] = []
         self._calls: defaultdict[int, int] = defaultdict(int)
         self._input_calls: defaultdict[int, int] = defaultdict(int)
+        #: id(tensor) -> (weak reference, version counter, reductions) of this step's captures
+        self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], int, tuple[Any, Any, Any]]] = {}
         self._seq = 0
         self._depth = 0
         self._auto_next = 0
@@ -222,10 +225,7 @@ class Recorder:
     def _capture(self, step: int, module: int, call: int, label: str, tensor: torch.Tensor) -> None:
         if tensor.is_meta:  # fail this module now; its stats would fail the whole step's flush
             raise ValueError("a meta tensor holds no data to record")
-        with torch.no_grad():
-            stats = moments(tensor) if self._want_moments else None
-            sample = take_sample(tensor, self.config.sample_size) if self._want_sample else None
-            full = copy_full_to_host(tensor) if self._want_full else None
+        stats, sample, full = self._reduced(tensor)
         self._pending.append(
             _Pending(
                 seq=self._seq,
@@ -244,12 +244,35 @@ class Recorder:
         )
         self._seq += 1
 
+    def _reduced(self, tensor: torch.Tensor) -> tuple[Any, Any, Any]:
+        """Moments, sample and full copy of ``tensor``, reused when it was already captured unchanged.
+
+        With module inputs traced, most inputs are the previous module's output: the same
+        tensor object at the same version counter, so the same values. A weak reference
+        proves it is that object still (an id alone could be a new tensor at a freed
+        address); inference-mode tensors have no version counter and are always reduced.
+        """
+        cached = self._reductions.get(id(tensor))
+        version = _version_of(tensor)
+        if cached is not None and version is not None and cached[0]() is tensor and cached[1] == version:
+            return cached[2]
+        with torch.no_grad():
+            reduced = (
+                moments(tensor) if self._want_moments else None,
+                take_sample(tensor, self.config.sample_size) if self._want_sample else None,
+                copy_full_to_host(tensor) if self._want_full else None,
+            )
+        if version is not None:
+            self._reductions[id(tensor)] = (weakref.ref(tensor), version, reduced)
+        return reduced
+
     # -- flushing ----------------------------------------------------------------
     def _flush(self, step: int) -> None:
         if self._stopped:  # an earlier write failed: never retry (one warning, not one per step)
             self._pending = []
             return
         pending, self._pending = self._pending, []
+        self._reductions.clear()
         try:
             staged = _Staged(pending)
             if self._background is None and staged.on_accelerator:
@@ -308,6 +331,14 @@ class Recorder:
                     warnings.warn(
                         f"tracediff: closing {self.writer.path} failed ({exc!r})", RuntimeWarning, stacklevel=2
                     )
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; ``None`` for inference tensors, which have none."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
 
 
 class _Staged:
