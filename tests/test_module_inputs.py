@@ -230,6 +230,7 @@ def test_unpaired_and_reshaped_inputs_are_neither_findings_nor_checks(tmp_path: 
     assert result.counts["shape_mismatch"] == 0 and result.counts["missing_in_upstream"] == 0
     total = [(row.label, row.checked) for row in result.rows if row.port == "total"]
     assert total == [("input[0]", False), ("out", True)]  # (4, 3) against (3, 4): left unchecked
+    assert (result.unchecked, result.unchecked_inputs) == (1, 1)
 
 
 def test_caller_of_skips_containers_that_never_run(tmp_path: Path) -> None:

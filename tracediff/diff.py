@@ -202,6 +202,7 @@ class DiffResult:
         curve_step: the step ``rows`` describe (the first drift's, else the first compared).
         compared: record pairs compared; ``aligned_modules``: module pairs that had any.
         unchecked: compared pairs with nothing to compare (no common stat, no elements).
+        unchecked_inputs: how many of those are module inputs of another shape on each side.
         steps_only_upstream, steps_only_port: steps one side has and the other lacks.
         one_sided_modules: aligned module pairs traced on one side only (not findings).
         fail_on: the finding kinds that count as fatal.
@@ -226,6 +227,7 @@ class DiffResult:
     port_path: str = ""
     #: the port trace holds module inputs, so a drift made before a module ran is told apart
     module_inputs: bool = False
+    unchecked_inputs: int = 0
     _table: _Table | None = field(default=None, repr=False)
 
     def __bool__(self) -> bool:
@@ -1095,6 +1097,7 @@ def _collect(table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: T
         upstream_path=upstream.path,
         port_path=port.path,
         module_inputs=bool(m.p_module_input.any()),
+        unchecked_inputs=int((np.isnan(table.ratio) & m.p_module_input[m.mp]).sum()),
         _table=table,
     )
 

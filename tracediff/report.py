@@ -148,7 +148,9 @@ def _detail_lines(result: DiffResult) -> list[str]:
         )
     skipped = []
     if result.unchecked:
-        skipped.append(f"{result.unchecked} records had nothing comparable")
+        reshaped = (f" ({result.unchecked_inputs} of them module inputs of another shape on each side)"
+                    if result.unchecked_inputs else "")
+        skipped.append(f"{result.unchecked} records had nothing comparable{reshaped}")
     if result.one_sided_modules:
         skipped.append(f"{result.one_sided_modules} aligned modules were traced on one side only")
     if result.steps_only_upstream or result.steps_only_port:
@@ -248,6 +250,7 @@ def to_json(result: DiffResult) -> dict[str, Any]:
         "compared": result.compared,
         "aligned_modules": result.aligned_modules,
         "unchecked": result.unchecked,
+        "unchecked_inputs": result.unchecked_inputs,
         "one_sided_modules": result.one_sided_modules,
         "steps_only_upstream": result.steps_only_upstream,
         "steps_only_port": result.steps_only_port,
