@@ -287,3 +287,19 @@ def test_inference_mode_tensors_are_recorded_without_reuse(tmp_path: Path) -> No
     labels = [t.records.label_of(i) for i in range(len(t.records))]
     assert labels == ["input[0]", "input[0]", "out", "input[0]", "out", "out"]
     assert sums[3] != pytest.approx(sums[4])  # ReLU's input before its in-place change, its output after
+
+
+def test_full_values_of_a_shared_tensor_are_stored_once(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    x = torch.randn(3, 4)
+    with tracediff.attach(model, side="port", config=TraceConfig(stats="full", inputs=True), output=tmp_path / "t.h5"):
+        model(x)
+    t = tracediff.open_trace(tmp_path / "t.h5")
+    cols = t.records.columns
+    # 8 records, 4 distinct tensors: 12 + 15 + 15 + 6 values stored
+    assert len(t.records) == 8
+    ranges = {(int(cols["full_offset"][i]), int(cols["full_len"][i])) for i in range(8)}
+    assert sorted(ranges) == [(0, 12), (12, 15), (27, 15), (42, 6)]
+    with torch.no_grad():
+        hidden = model[0](x)
+    assert np.allclose(t.full(2), hidden.numpy()) and np.allclose(t.full(3), hidden.numpy())  # 0's out, 1's in

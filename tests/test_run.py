@@ -42,6 +42,36 @@ def test_demo_clean_reports_no_drift(tmp_path) -> None:
     assert _report(tmp_path / "clean")["first_drift"] is None
 
 
+def test_demo_bug_in_a_modules_own_code_names_that_module(tmp_path) -> None:
+    """rope_sign rotates q/k inside attn1's own forward: the first drifting record is to_out's input."""
+    expected = BUGS["rope_sign"]
+    proc = run_cli("run", "--demo", "rope_sign", "--out", str(tmp_path / "on"), "--no-progress")
+    assert proc.returncode == 1, proc.stderr
+    assert report_lines(proc.stdout)[0].startswith(
+        f"first drift: {expected.port_module} (upstream {expected.upstream_module}), step 0: its own code, "
+        f"before it calls {expected.port_module}.to_out ")
+    first = _report(tmp_path / "on")["first_drift"]
+    assert (first["culprit"], first["port"], first["tensor"], first["before_call"]) == (
+        expected.port_module, f"{expected.port_module}.to_out", "input[0]", True)
+
+    off = run_cli("run", "--demo", "rope_sign", "--out", str(tmp_path / "off"), "--no-progress",
+                  "--trace-inputs", "false")
+    assert off.returncode == 1, off.stderr
+    lines = report_lines(off.stdout)
+    assert lines[0].startswith(f"first drift: {expected.port_module}.to_out ")
+    assert any(line.strip().startswith(f"module inputs were not recorded: if {expected.port_module}.to_out's own "
+                                       f"code is right, the error was made before it ran, in {expected.port_module}")
+               for line in lines)
+    with open_trace(tmp_path / "off" / "port.h5") as trace:
+        assert trace.config["inputs"] is False
+
+
+def test_bad_trace_inputs_value_is_one_line(tmp_path) -> None:
+    proc = run_cli("run", "--trace-inputs", "maybe", "--out", str(tmp_path / "x"))
+    assert_one_line_error(proc, "--trace-inputs")
+    assert not (tmp_path / "x").exists()
+
+
 def test_refuses_to_overwrite_without_force(tmp_path) -> None:
     out = tmp_path / "again"
     assert run_cli("run", "--demo", "clean", "--out", str(out), "--no-progress").returncode == 0
@@ -158,6 +188,7 @@ def test_unmodified_script_mode_then_first_drift(tmp_path) -> None:
         assert trace.steps == [0, 1]
         root_inputs = [str(label) for label in trace.record_labels()[trace.record_modules() == ""]]
         assert root_inputs == ["input.x", "input.t", "input.context", "out"] * 2
+        assert trace.config["inputs"] is True  # module inputs, as in every run mode
     proc = run_cli("first-drift", str(ref_trace), str(port_trace), "--preset", "single-block")
     assert proc.returncode == 1
     assert report_lines(proc.stdout)[0].startswith(f"first drift: {BUGS['gelu_tanh'].port_module}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import re
 import runpy
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracediff.config import TraceConfig
+from tracediff.config import ENV_INPUTS, TraceConfig
 from tracediff.errors import TracediffError
 from tracediff.hooks import TraceHandle, attach
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     target = [item for item in args.target if item != "--"] if args.target[:1] == ["--"] else args.target
     try:
-        config = TraceConfig.from_env(enabled=True)
+        # Module inputs are on, as in every other ``run`` mode, unless TRACEDIFF_TRACE_INPUTS says otherwise.
+        config = TraceConfig.from_env(enabled=True, inputs=None if os.environ.get(ENV_INPUTS, "").strip() else True)
         tracer = ScriptTracer(
             side=args.side,
             out_dir=args.out,

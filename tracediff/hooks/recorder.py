@@ -364,7 +364,7 @@ class _Staged:
             self.events.append(event)
         devices |= full_devices  # type: ignore[arg-type]
         self.on_accelerator = bool(devices)
-        self.nbytes = sum(p.full.nbytes for p in pending if p.full is not None)
+        self.nbytes = sum({id(p.full): p.full.nbytes for p in pending if p.full is not None}.values())
 
     def finish(self) -> StepBatch:
         for event in self.events:
@@ -388,6 +388,7 @@ def _to_batch(
     f32_parts: list[np.ndarray] = []
     f64_parts: list[np.ndarray] = []
     f32_len = f64_len = 0
+    stored: dict[int, tuple[int, int, int]] = {}  # id(host copy) -> (full_kind, full_offset, full_len)
     for row, item in enumerate(pending):
         columns["seq"][row] = item.seq
         columns["step"][row] = item.step
@@ -402,7 +403,12 @@ def _to_batch(
             columns["sample_offset"][row] = offset
             columns["sample_len"][row] = length
             offset += length
-        if item.full is not None:
+        if item.full is not None and id(item.full) in stored:
+            # the same captured tensor as an earlier record (a module's input that is the previous
+            # module's output): point at the values already written instead of writing them twice
+            kind, start, size = stored[id(item.full)]
+            columns["full_kind"][row], columns["full_offset"][row], columns["full_len"][row] = kind, start, size
+        elif item.full is not None:
             # one host pass: convert (bf16 -> float32) and put a permuted layout in row-major order
             values = item.full.to(full_dtype(item.full), memory_format=torch.contiguous_format).reshape(-1).numpy()
             if values.dtype == np.float64:
@@ -414,6 +420,7 @@ def _to_batch(
                 f32_parts.append(values)
                 f32_len += values.size
             columns["full_len"][row] = values.size
+            stored[id(item.full)] = (int(columns["full_kind"][row]), int(columns["full_offset"][row]), values.size)
         else:
             columns["full_kind"][row] = FULL_NONE
     for position, name in enumerate(("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_count")):
