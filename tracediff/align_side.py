@@ -82,10 +82,7 @@ def side_from_trace(trace: Trace, label: str) -> Side:
     first_step = cols["step"].min()
     # Execution order is the order modules *return*: a module's own input records (traces with
     # ``inputs`` on) would move it before its children, so only the model's inputs are kept.
-    is_input = np.asarray([name.startswith("input") for name in records.labels] or [False], dtype=bool)
-    root = table.names.index("") if "" in table.names else -1
-    module_input = is_input[cols["label"]] & (cols["module"] != root)
-    rows = np.flatnonzero((cols["step"] == first_step) & ~module_input)
+    rows = np.flatnonzero((cols["step"] == first_step) & ~trace.module_input_records())
     modules = cols["module"][rows]
     _, first = np.unique(modules, return_index=True)
     for rank, position in enumerate(sorted(first.tolist())):

@@ -366,8 +366,8 @@ class _Match:
         labels: dict[str, int] = {}
         u_label = _label_map(upstream.records.labels, labels)[uc["label"]]
         p_label = _label_map(port.records.labels, labels)[pc["label"]]
-        u_module_input = _module_inputs(upstream)
-        p_module_input = _module_inputs(port)
+        u_module_input = upstream.module_input_records()
+        p_module_input = port.module_input_records()
         steps_arr = np.asarray(common, dtype=np.int64)
         u_rows = np.flatnonzero((u_pair >= 0) & np.isin(u_step, steps_arr))
         p_rows = np.flatnonzero((p_pair >= 0) & np.isin(p_step, steps_arr))
@@ -451,18 +451,6 @@ def _pair_tables(
         u_of[ui] = p_of[pi] = len(pairs)
         pairs.append((pair.port, pair.upstream))
     return pairs, u_of, p_of
-
-
-def _module_inputs(trace: Trace) -> np.ndarray:
-    """Per record: an input of a module other than the root (traces recorded with ``inputs`` on)."""
-    records = trace.records
-    if not len(records):
-        return np.zeros(0, dtype=bool)
-    is_input = np.asarray([label.startswith("input") for label in records.labels] or [False], dtype=bool)
-    names = trace.modules.names
-    root = names.index("") if "" in names else -1
-    cols = records.columns
-    return is_input[cols["label"]] & (cols["module"] != root)
 
 
 def caller_of(name: str, trace: Trace) -> str:

@@ -209,6 +209,15 @@ class Trace:
     def record_labels(self) -> np.ndarray:
         return np.asarray(self.records.labels, dtype=object)[self.records.columns["label"]]
 
+    def module_input_records(self) -> np.ndarray:
+        """Per record: an input of a traced module other than the model itself (``inputs`` on)."""
+        if not len(self.records):
+            return np.zeros(0, dtype=bool)
+        is_input = np.asarray([label.startswith("input") for label in self.records.labels] or [False], dtype=bool)
+        root = self.modules.names.index("") if "" in self.modules.names else -1
+        columns = self.records.columns
+        return is_input[columns["label"]] & (columns["module"] != root)
+
     def has_stat(self, name: str) -> bool:
         if name in self.records.direct:
             return True
