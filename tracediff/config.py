@@ -79,10 +79,10 @@ def names_predicate(names: NamesFilter, *, source: str = "layers") -> Callable[[
     return lambda name: name in wanted
 
 
-def parse_bool(value: str | None, *, source: str = ENV_ACTIVATIONS) -> bool:
-    """FastVideo's master switch: unset, empty or ``0`` is off."""
-    if value is None:
-        return False
+def parse_bool(value: str | None, *, source: str = ENV_ACTIVATIONS, default: bool = False) -> bool:
+    """FastVideo's master switch: unset or empty is ``default`` (off), ``0`` is off."""
+    if value is None or not value.strip():
+        return default
     lowered = value.strip().lower()
     if lowered in _TRUE:
         return True

@@ -1117,8 +1117,6 @@ class _FindingFactory:
                 f"{_name(port_name)} did not",
                 upstream_record=u,
                 position=position,
-                culprit=port_name,
-                culprit_upstream=upstream_name,
             )
         if kind == "missing_in_upstream":
             p = int(m.only_p[ref])
@@ -1131,11 +1129,9 @@ class _FindingFactory:
                 f"{_name(upstream_name)} did not",
                 port_record=p,
                 position=position,
-                culprit=port_name,
-                culprit_upstream=upstream_name,
             )
         row = t.row(ref)
-        culprit, culprit_upstream = row.port, row.upstream
+        culprit = culprit_upstream = None  # the record's own modules, unless it is an input
         if m.p_module_input[row.port_record]:
             culprit, culprit_upstream = caller_of(row.port, t.port), caller_of(row.upstream, t.upstream)
         return Finding(

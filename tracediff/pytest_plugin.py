@@ -67,11 +67,8 @@ def _inputs_option(option: str | None) -> bool:
 
     if option is not None:
         return option == "on"
-    value = os.environ.get(ENV_INPUTS)
-    if value is None or not value.strip():
-        return True
     try:
-        return parse_bool(value, source=ENV_INPUTS)
+        return parse_bool(os.environ.get(ENV_INPUTS), source=ENV_INPUTS, default=True)
     except TraceConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracediff.config import ENV_INPUTS, TraceConfig
+from tracediff.config import ENV_INPUTS, TraceConfig, parse_bool
 from tracediff.errors import TracediffError
 from tracediff.hooks import TraceHandle, attach
 
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     target = [item for item in args.target if item != "--"] if args.target[:1] == ["--"] else args.target
     try:
         # Module inputs are on, as in every other ``run`` mode, unless TRACEDIFF_TRACE_INPUTS says otherwise.
-        config = TraceConfig.from_env(enabled=True, inputs=None if os.environ.get(ENV_INPUTS, "").strip() else True)
+        inputs = parse_bool(os.environ.get(ENV_INPUTS), source=ENV_INPUTS, default=True)
+        config = TraceConfig.from_env(enabled=True, inputs=inputs)
         tracer = ScriptTracer(
             side=args.side,
             out_dir=args.out,

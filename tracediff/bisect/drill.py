@@ -36,7 +36,7 @@ from tracediff.bisect.noise import (
 )
 from tracediff.bisect.ops import is_builtin, module_settings, operator_level
 from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding
-from tracediff.bisect.tree import ROOT, frontier, is_within, snapshot, tensor_leaves, top_level
+from tracediff.bisect.tree import ROOT, frontier, is_within, join_name, snapshot, tensor_leaves, top_level
 from tracediff.errors import TracediffError
 from tracediff.runner import clone_inputs, default_call
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
@@ -376,8 +376,8 @@ class _Session:
             # The first differing operator ran in a child with no counterpart (the operator trace
             # looks through those): that child's forward is the narrowest place to name.
             found_in = parent
-            culprit = _join(parent, finding.port_op.module)
-            culprit_up = _join(parent_up, finding.upstream_op.module if finding.upstream_op else "")
+            culprit = join_name(parent, finding.port_op.module)
+            culprit_up = join_name(parent_up, finding.upstream_op.module if finding.upstream_op else "")
         result = self._result(path, culprit, culprit_up, parent_error, output, output_drifts, step, checked, notes,
                               finding)
         result.found_in = found_in
@@ -430,13 +430,6 @@ class _Session:
             forward_passes=self.passes, module_calls=self.module_calls, noise_floor=self.noise_floor,
             noise_factor=self.noise_factor, notes=notes, output_floor=self._output_floor,
         )
-
-
-def _join(parent: str, child: str) -> str:
-    """A descendant's full name from its parent's name and its name relative to the parent."""
-    if not child:
-        return parent
-    return f"{parent}.{child}" if parent else child
 
 
 def _child_keys(modules: Mapping[str, nn.Module], parent: str, keys: Mapping[str, str]) -> dict[str, str]:

@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 from tracediff.bisect.metrics import Metrics, compare
 from tracediff.bisect.result import OpFinding, OpRef, Source
-from tracediff.bisect.tree import is_container, tensor_leaves
+from tracediff.bisect.tree import is_container, is_within, tensor_leaves
 from tracediff.tolerance import Tolerance
 
 #: Elements of operator outputs kept per side; outputs beyond it are recorded without values.
@@ -531,13 +531,9 @@ def operator_level(
     blamed = [ref for ref in (finding.port_op, *finding.suspects) if ref is not None]
     suspected = {nodes[ref.index].child for ref in blamed} & port_open
     if suspected:
-        inside = frozenset(name for name in port_open if any(_is_at_or_below(name, s) for s in suspected))
+        inside = frozenset(name for name in port_open if any(name == s or is_within(name, s) for s in suspected))
         deeper, _ = compare(inside, look_through(upstream_module, upstream_keys or {}))
         if deeper.port_op is not None:
             finding = deeper
     finding.settings = module_settings(port_module, upstream_module)
     return finding
-
-
-def _is_at_or_below(name: str, ancestor: str) -> bool:
-    return name == ancestor or name.startswith(ancestor + ".")

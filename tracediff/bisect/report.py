@@ -19,6 +19,7 @@ from rich.text import Text
 
 from tracediff.bisect.metrics import Metrics
 from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding, OpRef
+from tracediff.bisect.tree import join_name
 from tracediff.report import display_name
 
 LEGEND = ("err: relative L2 error against upstream; local: fed upstream's inputs; accumulated: running freely; "
@@ -236,7 +237,7 @@ def _ran_in(ref: OpRef, traced: str) -> str:
     """Where a looked-through child's operator ran: that child's full name."""
     if not ref.module:
         return ""
-    return f"  (in {f'{traced}.{ref.module}' if traced else ref.module})"
+    return f"  (in {join_name(traced, ref.module)})"
 
 
 def _shape(ref: OpRef) -> str:

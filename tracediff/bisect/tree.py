@@ -29,6 +29,13 @@ def is_within(name: str, ancestor: str) -> bool:
     return name.startswith(ancestor + ".")
 
 
+def join_name(parent: str, child: str) -> str:
+    """A descendant's full name from its parent's and its name relative to the parent (``""`` = the parent)."""
+    if not child:
+        return parent
+    return f"{parent}.{child}" if parent else child
+
+
 def is_container(module: nn.Module) -> bool:
     """A module that is never called itself: only a holder of children."""
     return isinstance(module, (nn.ModuleList, nn.ModuleDict))

@@ -132,7 +132,7 @@ class Recorder:
             self._depth += 1
             self._call_start = (len(self._pending), self._seq)
         if record_inputs:
-            self._guarded(ROOT_INDEX, self._record_inputs, args, kwargs)
+            self._guarded(ROOT_INDEX, self._record_module_inputs, ROOT_INDEX, args, kwargs)
 
     def record_late_inputs(self, args: Any, kwargs: Any) -> None:
         """Record a top-level call's inputs after the fact, placed before that call's other records.
@@ -143,7 +143,7 @@ class Recorder:
         with self._lock:
             position, seq = self._call_start
             before = len(self._pending)
-            self._guarded(ROOT_INDEX, self._record_inputs, args, kwargs)
+            self._guarded(ROOT_INDEX, self._record_module_inputs, ROOT_INDEX, args, kwargs)
             late = self._pending[before:]
             del self._pending[before:]
             self._pending[position:position] = late
@@ -197,9 +197,6 @@ class Recorder:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-
-    def _record_inputs(self, args: Any, kwargs: Any) -> None:
-        self._record_module_inputs(ROOT_INDEX, args, kwargs)
 
     def _record_module_inputs(self, index: int, args: Any, kwargs: Any) -> None:
         """One call's tensor arguments, numbered like the call's outputs (calls start and end in order)."""
