@@ -10,8 +10,15 @@ stages left unpaired:
    projections (``to_qkv`` = ``q`` + ``k`` + ``v``) become groups; identical
    weights (shared, zero-initialised) are split by order or left unmatched.
    Parameter-free containers whose children all pair into one module pair too.
-5. ``structure``: what is left and ran is paired by order between anchors and
+5. ``name``: a module that owns weights whose values match nothing (the port
+   converted them wrong) still pairs with the module of the same name, class
+   and parameter shapes: the module that holds a bug must never drop out.
+6. ``structure``: what is left and ran is paired by order between anchors and
    by equal output shapes, with confidence at most 0.6.
+7. ``values`` (traces only): what each module computed in its first call
+   confirms, replaces or drops the pairs of the two weakest stages and pairs
+   modules without weights of different extent (:mod:`tracediff.align_values`);
+   a pair the values contradict and nothing explains is an *alignment suspect*.
 
 Everything works from two trace files alone (the module tables carry the
 weight fingerprints); :func:`align_models` does the same for live models, with
@@ -39,7 +46,8 @@ from tracediff.align_mapfile import (
 from tracediff.align_order import OrderedPair, pair_by_order, pair_by_rank
 from tracediff.align_parammap import load_param_map, param_map_links, validate_param_map
 from tracediff.align_side import Side, common_ancestor, is_within, parent_name, side_from_model, side_from_trace
-from tracediff.alignment import SOURCES, Alignment, Group, Pair
+from tracediff.align_values import ValueStage, apply_value_evidence
+from tracediff.alignment import SOURCES, Alignment, Group, Pair, Suspect
 from tracediff.trace import Trace
 
 if TYPE_CHECKING:  # torch is imported only to trace or to align live models, never to read traces
@@ -69,7 +77,11 @@ CONFIDENCE = {
     "fingerprint_tie": 0.7,
     "container": 0.85,
     "enclosing": 0.8,
+    "values": 0.8,
+    "name": 0.5,
 }
+#: Notes of pairs whose evidence is order, shape or children only: value evidence may overrule them.
+CONTAINER_NOTE = "paired through the modules inside it"
 ROOT = ""
 
 
@@ -137,8 +149,10 @@ def align_sides(
     if spec is None or spec.infer:
         _fingerprints(state)
         _containers(state)
+        _same_name(state)
         _structure(state)
         _containers(state)
+        _values(state)
     return state.result()
 
 
@@ -160,6 +174,7 @@ class _State:
         self.ignored_up: set[int] = set()
         self.ignored_port: set[int] = set()
         self.notes: list[str] = []
+        self.suspects: list[Suspect] = []
         # Modules whose weights equal some module's on the other side: if still
         # unpaired after the fingerprint stage they are ambiguous twins, and
         # pairing them by order and shape would only dress a guess up as evidence.
@@ -176,6 +191,16 @@ class _State:
         self.up_partner[up] = port
         self.port_partner[port] = up
         self.pairs[up] = Pair(self.up.names[up], self.port.names[port], source, round(confidence, 3), note)
+
+    def remove_pair(self, up: int) -> None:
+        port = self.up_partner.pop(up)
+        del self.port_partner[port]
+        del self.pairs[up]
+
+    def weak(self, up: int) -> bool:
+        """The pair rests on order, shape or its children only (value evidence may overrule it)."""
+        pair = self.pairs.get(up)
+        return pair is not None and (pair.source == "structure" or pair.note == CONTAINER_NOTE)
 
     def add_group(self, ups: list[int], ports: list[int], source: str, note: str) -> None:
         group = Group(tuple(self.up.names[u] for u in ups), tuple(self.port.names[p] for p in ports), source, note)
@@ -198,6 +223,7 @@ class _State:
                 self.port.names[m] for m in sorted(range(len(self.port.names)), key=port_key) if self.free_port(m)
             ],
             notes=list(self.notes),
+            suspects=list(self.suspects),
         )
 
 
@@ -462,6 +488,57 @@ def _elements(signature: tuple[tuple[int, ...], ...]) -> int:
     return total
 
 
+# -- same name, weights differ ----------------------------------------------------------
+
+
+def _same_name(state: _State) -> None:
+    """Pair a weight owner whose values match nothing with the port module of the same name and shapes.
+
+    Fingerprints fail exactly where the port converted a weight wrong; without
+    this the buggy module would drop out of the comparison and its parent would
+    take the blame. Same qualified name, same class and same parameter shapes
+    is strong evidence even when the values differ, and the difference is
+    itself the finding (the pre-flight names the parameter).
+    """
+    up, port = state.up, state.port
+    for u, name in enumerate(up.names):
+        if name == ROOT or not state.free_up(u) or not up.owns_params(u):
+            continue
+        p = port.index.get(name)
+        if p is None or not state.free_port(p) or not port.owns_params(p):
+            continue
+        if up.short_class(u) != port.short_class(p) and up.kinds[u] != port.kinds[p]:
+            continue
+        if up.param_shapes(u) != port.param_shapes(p):
+            continue
+        state.add_pair(u, p, "name", CONFIDENCE["name"], "same name, class and parameter shapes; weights differ")
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+def _values(state: _State) -> None:
+    """Let the traced values confirm, replace or drop the weakest pairs (see :mod:`tracediff.align_values`)."""
+    stage = ValueStage(
+        up=state.up,
+        port=state.port,
+        pairs=dict(state.up_partner),
+        weak={u for u in state.pairs if state.weak(u)},
+        free_up=state.free_up,
+        free_port=state.free_port,
+        twins_up=state.weight_twins_up,
+        twins_port=state.weight_twins_port,
+    )
+    outcome = apply_value_evidence(stage)
+    for u, _ in outcome.drop:
+        if u in state.pairs:
+            state.remove_pair(u)
+    for u, p, note in outcome.add:
+        if state.free_up(u) and state.free_port(p):
+            state.add_pair(u, p, "values", CONFIDENCE["values"], note)
+    state.suspects += outcome.suspects
+
+
 # -- containers -------------------------------------------------------------------
 
 
@@ -489,7 +566,7 @@ def _containers(state: _State) -> None:
             relations = images_up.get(up.names[u], [])
             source = max((r[1] for r in relations), key=SOURCES.index)
             confidence = min([CONFIDENCE["container"], *(r[2] for r in relations)])
-            state.add_pair(u, p, source, confidence, "paired through the modules inside it")
+            state.add_pair(u, p, source, confidence, CONTAINER_NOTE)
             changed = True
 
 

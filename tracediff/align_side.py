@@ -41,6 +41,10 @@ class Side:
         passthrough: leaf modules whose only output, in their first call, equals the
             record completed just before it (dropout in eval, ``Identity``): they pass a
             tensor on unchanged, so they are no evidence of structure. Empty for live models.
+        trace: the trace the side was read from (``None`` for live models): its records are
+            the value evidence of :mod:`tracediff.align_values`.
+        outputs, inputs: module index -> record indices of its output / input tensors in its
+            first call of the first traced step (empty for live models).
     """
 
     label: str
@@ -52,6 +56,9 @@ class Side:
     signature: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     descendants: dict[str, list[str]] = field(default_factory=dict)
     passthrough: set[int] = field(default_factory=set)
+    trace: Trace | None = None
+    outputs: dict[int, list[int]] = field(default_factory=dict)
+    inputs: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -96,7 +103,24 @@ def side_from_trace(trace: Trace, label: str) -> Side:
             shapes[module].append(records.shape_of(row))
     side.signature = {module: tuple(found) for module, found in shapes.items()}
     side.passthrough = _passthrough(trace, rows, side)
+    side.trace = trace
+    side.outputs, side.inputs = _first_call_records(trace, first_step, len(table.names))
     return side
+
+
+def _first_call_records(trace: Trace, step: int, modules: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Record indices of each module's outputs and inputs in its first call of ``step``, in record order."""
+    cols = trace.records.columns
+    rows = np.flatnonzero((cols["step"] == step) & (cols["call"] == 0))
+    rows = rows[np.argsort(cols["seq"][rows], kind="stable")]
+    is_input = np.asarray([label.startswith("input") for label in trace.records.labels] or [False], dtype=bool)
+    outputs: dict[int, list[int]] = defaultdict(list)
+    inputs: dict[int, list[int]] = defaultdict(list)
+    for row in rows.tolist():
+        module = int(cols["module"][row])
+        if 0 <= module < modules:
+            (inputs if is_input[cols["label"][row]] else outputs)[module].append(row)
+    return dict(outputs), dict(inputs)
 
 
 def _passthrough(trace: Trace, rows: np.ndarray, side: Side) -> set[int]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 #: Where a pair came from, strongest first.
-Source = Literal["root", "map", "param_map", "fingerprint", "structure"]
-SOURCES: tuple[str, ...] = ("root", "map", "param_map", "fingerprint", "structure")
+Source = Literal["root", "map", "param_map", "fingerprint", "values", "name", "structure"]
+SOURCES: tuple[str, ...] = ("root", "map", "param_map", "fingerprint", "values", "name", "structure")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,26 @@ class Group:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Suspect:
+    """A pairing the traced values contradict: shown beside the report, never a finding.
+
+    Attributes:
+        upstream, port: the two modules that order and shape alone would have paired.
+        distance: relative distance of their first outputs.
+        reason: one line saying what was seen.
+    """
+
+    upstream: str
+    port: str
+    distance: float
+    reason: str
+
+    def hint(self) -> str:
+        """The mapping-file line that pairs them anyway, if they are the same module after all."""
+        return f'[pairs] "{self.upstream}" = "{self.port}"'
+
+
 @dataclass
 class Alignment:
     """All pairs, many-to-one groups, and what stayed unmatched on each side.
@@ -63,6 +83,8 @@ class Alignment:
     unmatched_upstream: list[str] = field(default_factory=list)
     unmatched_port: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: pairs that order and shape proposed and the values contradicted (left unpaired)
+    suspects: list[Suspect] = field(default_factory=list)
 
     def port_for(self, upstream: str) -> str | None:
         return self._by_upstream().get(upstream)

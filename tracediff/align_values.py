@@ -1,0 +1,318 @@
+"""Value evidence: what two modules computed says whether they are the same module.
+
+Weights identify modules that own them; modules without weights (activations,
+norms without affine parameters, residual adds, wrappers) were paired only by
+order and shape, and real ports differ exactly there: one side's module does
+the work of two on the other, or includes the next operation (FastVideo's
+``norm_out`` applies the shift and scale that diffusers' ``norm_out`` leaves to
+its caller). On a clean pair, modules that really correspond produce the same
+numbers to many digits, and modules that do not, almost never do.
+
+The numbers are the traces' own records of each module's first call:
+``abs_mean``, ``mean``, ``min``, ``max`` and the L2 norm (moments, or the
+statistics a FastVideo JSONL trace holds), plus the fixed-position ``sample``
+where both sides have one. Tensors of different shape compare when one is the
+other broadcast (``[32, 64]`` of 32 identical rows against ``[1, 64]``) on the
+statistics that repetition does not change (``abs_mean``, ``mean``, ``min``,
+``max``), and when only their layout differs (same element count) on all of them.
+
+Two uses, see :func:`apply_value_evidence`:
+
+* **proposals**: a module left unpaired, or paired only by order, whose first
+  output agrees with exactly one candidate in the same stretch between anchors
+  (pairs of stronger evidence) is paired with it;
+* **checks**: a pair made by order or through its children whose outputs
+  disagree grossly, where everything before it still agrees, is not a pair; it is
+  dropped and, when nothing explains it, shown as an *alignment suspect*.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tracediff.align_order import monotone_anchors
+from tracediff.align_side import Side
+from tracediff.alignment import Suspect
+
+#: Relative distance under which two tensors count as the same values (fp32 reduction noise is ~1e-7).
+AGREE = 1e-4
+#: The same across a reduced-precision side (bf16 keeps ~3 significant digits).
+AGREE_LOW_PRECISION = 2e-2
+#: Relative distance over which two tensors are certainly not the same computation slightly off:
+#: a planted eps, activation variant or bf16 module moves outputs by 1e-3..1e-2, a wrong pairing by ~1.
+GROSS = 0.1
+_LOW_PRECISION = ("bfloat16", "float16", "float8")
+_INVARIANT = ("abs_mean", "mean", "min", "max")  # unchanged by repeating a tensor along a dimension
+_ALL = (*_INVARIANT, "l2")
+
+
+class ValueIndex:
+    """First-call output values of every traced module on both sides, compared on demand."""
+
+    def __init__(self, upstream: Side, port: Side) -> None:
+        self.up = upstream
+        self.port = port
+        self._stats: dict[tuple[str, int], dict[str, float]] = {}
+
+    @property
+    def usable(self) -> bool:
+        return self.up.trace is not None and self.port.trace is not None and bool(self.up.outputs) and bool(
+            self.port.outputs
+        )
+
+    def output_distance(self, u: int, p: int) -> float | None:
+        """Distance of the two modules' first output tensors, ``None`` when not comparable."""
+        ur, pr = self.up.outputs.get(u), self.port.outputs.get(p)
+        if not ur or not pr:
+            return None
+        return self.distance(ur[0], pr[0])
+
+    def input_distance(self, u: int, p: int) -> float | None:
+        """Distance of the two modules' first input tensors (module inputs traced), or None."""
+        ur, pr = self.up.inputs.get(u), self.port.inputs.get(p)
+        if not ur or not pr:
+            return None
+        return self.distance(ur[0], pr[0])
+
+    def agree_limit(self, u: int, p: int) -> float:
+        dtypes = [self._dtype(self.up, u), self._dtype(self.port, p)]
+        return AGREE_LOW_PRECISION if any(d.startswith(_LOW_PRECISION) for d in dtypes) else AGREE
+
+    def distance(self, u_record: int, p_record: int) -> float | None:
+        """Largest relative difference over the statistics both records allow comparing."""
+        up, port = self.up.trace, self.port.trace
+        assert up is not None and port is not None
+        u_shape, p_shape = up.records.shape_of(u_record), port.records.shape_of(p_record)
+        names = _comparable_stats(u_shape, p_shape)
+        if names is None:
+            return None
+        a, b = self._record_stats("port", port, p_record), self._record_stats("upstream", up, u_record)
+        scale = max(abs(b.get("abs_mean", math.nan)), abs(a.get("abs_mean", math.nan)), 0.0)
+        extent = max(abs(b.get("min", 0.0)), abs(b.get("max", 0.0)), abs(a.get("min", 0.0)), abs(a.get("max", 0.0)))
+        worst, compared = 0.0, 0
+        for name in names:
+            x, y = a.get(name), b.get(name)
+            if x is None or y is None:
+                continue
+            if not (math.isfinite(x) and math.isfinite(y)):
+                if x != y:
+                    return math.inf
+                continue
+            norm = {"min": extent, "max": extent, "l2": max(abs(x), abs(y))}.get(name, scale)
+            worst = max(worst, abs(x - y) / norm if norm > 0 else (0.0 if x == y else math.inf))
+            compared += 1
+        if u_shape == p_shape:
+            sample = _sample_distance(up.sample(u_record), port.sample(p_record))
+            if sample is not None:
+                worst, compared = max(worst, sample), compared + 1
+        return worst if compared else None
+
+    def _record_stats(self, side: str, trace, record: int) -> dict[str, float]:  # noqa: ANN001
+        key = (side, record)
+        if key not in self._stats:
+            found = {}
+            for name in _ALL:
+                if trace.has_stat(name):
+                    value = float(trace.stat(name)[record])
+                    if not math.isnan(value):
+                        found[name] = value
+            self._stats[key] = found
+        return self._stats[key]
+
+    @staticmethod
+    def _dtype(side: Side, module: int) -> str:
+        rows = side.outputs.get(module)
+        return side.trace.records.dtype_of(rows[0]) if rows and side.trace is not None else ""
+
+
+def _comparable_stats(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[str, ...] | None:
+    """Statistics that mean the same for tensors of these shapes, or None when they cannot hold one tensor."""
+    if not a or not b or -1 in a or -1 in b:
+        return _ALL if a == b else None
+    if a == b or math.prod(a) == math.prod(b):
+        return _ALL
+    return _INVARIANT if broadcast_equivalent(a, b) else None
+
+
+def broadcast_equivalent(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """One shape is the other repeated along some dimensions (numpy broadcasting, size-1 dims ignored).
+
+    ``(32, 64)`` and ``(1, 64)``, ``(1, 32, 64)`` and ``(64,)``: the larger may hold
+    the smaller's values repeated, which changes sums and norms but not means or extrema.
+    """
+    x = [d for d in a]
+    y = [d for d in b]
+    width = max(len(x), len(y))
+    x = [1] * (width - len(x)) + x
+    y = [1] * (width - len(y)) + y
+    return all(i == j or i == 1 or j == 1 for i, j in zip(x, y, strict=True)) and x != y
+
+
+def _sample_distance(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    if a is None or b is None or len(a) != len(b) or not len(a):
+        return None
+    finite = np.isfinite(a) & np.isfinite(b)
+    if not np.array_equal(np.isfinite(a), np.isfinite(b)):
+        return math.inf
+    ref = float(np.sqrt(np.sum(b[finite] ** 2)))
+    err = float(np.sqrt(np.sum((a[finite] - b[finite]) ** 2)))
+    return err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
+
+
+# -- the stage -------------------------------------------------------------------------
+
+
+@dataclass
+class ValueStage:
+    """What the aligner's state offers this stage (kept narrow so the stage stays testable)."""
+
+    up: Side
+    port: Side
+    pairs: dict[int, int]  # upstream -> port, every pair so far
+    weak: set[int]  # upstream modules whose pair rests on order or children only
+    free_up: Callable[[int], bool]
+    free_port: Callable[[int], bool]
+    #: modules whose weights equal several on the other side: ambiguous by construction, never proposed
+    twins_up: set[int] = field(default_factory=set)
+    twins_port: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ValueOutcome:
+    """Pairs to add and to drop, and what to show."""
+
+    add: list[tuple[int, int, str]]
+    drop: list[tuple[int, str]]
+    suspects: list[Suspect]
+
+
+def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
+    """Propose pairs by agreeing values, then drop weak pairs the values contradict.
+
+    Returns what to change; the caller applies it (the aligner owns its bookkeeping).
+    """
+    values = ValueIndex(stage.up, stage.port)
+    outcome = ValueOutcome([], [], [])
+    if not values.usable:
+        return outcome
+    up, port = stage.up, stage.port
+    pairs = dict(stage.pairs)
+    strong = {u: p for u, p in pairs.items() if u not in stage.weak}
+
+    def agrees(u: int, p: int) -> bool:
+        d = values.output_distance(u, p)
+        return d is not None and d <= values.agree_limit(u, p)
+
+    # 1. Proposals: modules free, or weakly paired with something their values contradict.
+    def open_up(u: int) -> bool:
+        return stage.free_up(u) or (u in stage.weak and u in pairs and not agrees(u, pairs[u]))
+
+    def open_port(p: int, partner_of: dict[int, int]) -> bool:
+        if stage.free_port(p):
+            return True
+        u = partner_of.get(p)
+        return u is not None and u in stage.weak and not agrees(u, p)
+
+    partner_of = {p: u for u, p in pairs.items()}
+    anchors = [(float(up.exec_order[u]), float(port.exec_order[p])) for u, p in strong.items()
+               if up.ran(u) and port.ran(p)]
+    stretches = _Stretches(monotone_anchors(anchors))
+    candidates_up = [u for u in up.outputs if up.ran(u) and open_up(u) and u not in up.passthrough
+                     and u not in stage.twins_up]
+    candidates_port = [p for p in port.outputs if port.ran(p) and open_port(p, partner_of)
+                       and p not in port.passthrough and p not in stage.twins_port]
+    by_stretch_port: dict[int, list[int]] = {}
+    for p in candidates_port:
+        by_stretch_port.setdefault(stretches.port(port.exec_order[p]), []).append(p)
+    matches_up: dict[int, list[int]] = {}
+    matches_port: dict[int, list[int]] = {}
+    for u in candidates_up:
+        for p in by_stretch_port.get(stretches.up(up.exec_order[u]), []):
+            if agrees(u, p):
+                matches_up.setdefault(u, []).append(p)
+                matches_port.setdefault(p, []).append(u)
+    for u, found in sorted(matches_up.items(), key=lambda item: up.exec_order[item[0]]):
+        chosen = _choose(u, found, matches_port, up, port)
+        if chosen is None:
+            continue
+        p = chosen
+        if pairs.get(u) == p:
+            continue
+        for module in (u, partner_of.get(p)):
+            if module is not None and module in pairs:
+                outcome.drop.append((module, "their values match other modules"))
+                partner_of.pop(pairs.pop(module), None)
+        pairs[u] = p
+        partner_of[p] = u
+        outcome.add.append((u, p, "their outputs hold the same values"))
+
+    # 2. Checks: weak pairs whose outputs disagree grossly while everything before them agrees.
+    added = {u for u, _, _ in outcome.add}
+    break_at = _first_break(values, strong, port, agrees)
+    for u, p in sorted(pairs.items(), key=lambda item: port.exec_order.get(item[1], math.inf)):
+        if u not in stage.weak or u in added:
+            continue
+        d = values.output_distance(u, p)
+        if d is None or d <= GROSS:
+            continue
+        inputs = values.input_distance(u, p)
+        context_agrees = (inputs is not None and inputs <= values.agree_limit(u, p)) or (
+            port.ran(p) and port.exec_order[p] < break_at
+        )
+        if not context_agrees:
+            continue
+        reason = (f"paired by order and shape, but their outputs differ by {d:.2g} (relative) while "
+                  + ("their inputs agree" if inputs is not None and inputs <= values.agree_limit(u, p)
+                     else "every module before them agrees"))
+        outcome.drop.append((u, reason))
+        outcome.suspects.append(Suspect(up.names[u], port.names[p], d, reason))
+    return outcome
+
+
+def _choose(u: int, found: list[int], matches_port: dict[int, list[int]], up: Side, port: Side) -> int | None:
+    """The one port module for ``u`` when the match is mutual and unique.
+
+    Modules of different extent hold the same values (a wrapper returning its only
+    child's output): among candidates nested in one another, the outermost one is
+    the module that finished the computation on that side, but it is also the one
+    that may do more; only a unique, mutual match is taken, so both stay unpaired
+    rather than guessed.
+    """
+    if len(found) != 1:
+        return None
+    p = found[0]
+    if matches_port.get(p) != [u]:
+        return None
+    return p
+
+
+class _Stretches:
+    """Which stretch between consecutive anchors a position falls in, on each side."""
+
+    def __init__(self, chain: list[tuple[float, float]]) -> None:
+        self.xs = [x for x, _ in chain]
+        self.ys = [y for _, y in chain]
+
+    def up(self, position: float) -> int:
+        return bisect.bisect_right(self.xs, position)
+
+    def port(self, position: float) -> int:
+        return bisect.bisect_right(self.ys, position)
+
+
+def _first_break(values: ValueIndex, strong: dict[int, int], port: Side, agrees: Callable[[int, int], bool]) -> float:
+    """Port execution position of the first strongly paired module whose output disagrees (inf if none)."""
+    positions = [
+        port.exec_order[p]
+        for u, p in strong.items()
+        if port.ran(p) and values.output_distance(u, p) is not None and not agrees(u, p)
+    ]
+    return float(min(positions)) if positions else math.inf
+
+
+__all__ = ["AGREE", "GROSS", "Suspect", "ValueIndex", "apply_value_evidence", "broadcast_equivalent"]
