@@ -805,4 +805,5 @@ def alignment_to_dict(alignment: Alignment, coverage_figures: dict[str, Any] | N
         "unmatched_port": list(alignment.unmatched_port),
         "coverage": coverage_figures or {},
         "notes": list(alignment.notes),
+        "suspects": [s.to_dict() for s in alignment.suspects],
     }

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tracediff.align_order import monotone_anchors
-from tracediff.align_side import Side
+from tracediff.align_side import Side, is_within, parent_name
 from tracediff.alignment import Suspect
 
 #: Relative distance under which two tensors count as the same values (fp32 reduction noise is ~1e-7).
@@ -208,40 +208,48 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
         d = values.output_distance(u, p)
         return d is not None and d <= values.agree_limit(u, p)
 
-    # 1. Proposals: modules free, or weakly paired with something their values contradict.
+    # 1. Proposals: modules free, or weakly paired with something their values contradict (or with a
+    #    pass-through, which agrees with whatever ran before it).
     def open_up(u: int) -> bool:
-        return stage.free_up(u) or (u in stage.weak and u in pairs and not agrees(u, pairs[u]))
+        p = pairs.get(u)
+        if p is None:  # free from the start, or its pair was dropped here (grouped and ignored modules are not)
+            return stage.free_up(u) or u in stage.pairs
+        return u in stage.weak and (not agrees(u, p) or p in port.passthrough)
 
-    def open_port(p: int, partner_of: dict[int, int]) -> bool:
-        if stage.free_port(p):
-            return True
+    def open_port(p: int) -> bool:
         u = partner_of.get(p)
-        return u is not None and u in stage.weak and not agrees(u, p)
+        if u is None:
+            return stage.free_port(p) or p in initial_partner_of
+        return u in stage.weak and (not agrees(u, p) or u in up.passthrough)
 
     partner_of = {p: u for u, p in pairs.items()}
+    initial_partner_of = dict(partner_of)
     anchors = [(float(up.exec_order[u]), float(port.exec_order[p])) for u, p in strong.items()
                if up.ran(u) and port.ran(p)]
     stretches = _Stretches(monotone_anchors(anchors))
-    candidates_up = [u for u in up.outputs if up.ran(u) and open_up(u) and u not in up.passthrough
-                     and u not in stage.twins_up]
-    candidates_port = [p for p in port.outputs if port.ran(p) and open_port(p, partner_of)
-                       and p not in port.passthrough and p not in stage.twins_port]
+    by_stretch_up: dict[int, list[int]] = {}
     by_stretch_port: dict[int, list[int]] = {}
-    for p in candidates_port:
-        by_stretch_port.setdefault(stretches.port(port.exec_order[p]), []).append(p)
-    matches_up: dict[int, list[int]] = {}
-    matches_port: dict[int, list[int]] = {}
-    for u in candidates_up:
-        for p in by_stretch_port.get(stretches.up(up.exec_order[u]), []):
-            if agrees(u, p):
-                matches_up.setdefault(u, []).append(p)
-                matches_port.setdefault(p, []).append(u)
-    for u, found in sorted(matches_up.items(), key=lambda item: up.exec_order[item[0]]):
-        chosen = _choose(u, found, matches_port, up, port)
-        if chosen is None:
+    for u in up.outputs:
+        if up.ran(u) and u not in up.passthrough and u not in stage.twins_up:
+            by_stretch_up.setdefault(stretches.up(up.exec_order[u]), []).append(u)
+    for p in port.outputs:
+        if port.ran(p) and p not in port.passthrough and p not in stage.twins_port:
+            by_stretch_port.setdefault(stretches.port(port.exec_order[p]), []).append(p)
+    tree = _Tree(up, port, pairs, partner_of)
+
+    def best_port(u: int) -> int | None:
+        found = [p for p in by_stretch_port.get(stretches.up(up.exec_order[u]), []) if open_port(p) and agrees(u, p)]
+        return tree.choose(found, lambda p: (u, p), port)
+
+    def best_up(p: int) -> int | None:
+        found = [u for u in by_stretch_up.get(stretches.port(port.exec_order[p]), []) if open_up(u) and agrees(u, p)]
+        return tree.choose(found, lambda u: (u, p), up)
+
+    for u in sorted((u for group in by_stretch_up.values() for u in group), key=lambda m: up.exec_order[m]):
+        if not open_up(u):
             continue
-        p = chosen
-        if pairs.get(u) == p:
+        p = best_port(u)
+        if p is None or pairs.get(u) == p or best_up(p) != u:
             continue
         for module in (u, partner_of.get(p)):
             if module is not None and module in pairs:
@@ -255,8 +263,8 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
     added = {u for u, _, _ in outcome.add}
     break_at = _first_break(values, strong, port, agrees)
     for u, p in sorted(pairs.items(), key=lambda item: port.exec_order.get(item[1], math.inf)):
-        if u not in stage.weak or u in added:
-            continue
+        if u not in stage.weak or u in added or up.names[u] == port.names[p]:
+            continue  # a module of the same name that nothing better claimed stays paired: its drift is a finding
         d = values.output_distance(u, p)
         if d is None or d <= GROSS:
             continue
@@ -274,21 +282,57 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
     return outcome
 
 
-def _choose(u: int, found: list[int], matches_port: dict[int, list[int]], up: Side, port: Side) -> int | None:
-    """The one port module for ``u`` when the match is mutual and unique.
+def _innermost(found: list[int], side: Side) -> int | None:
+    """The one candidate, or the innermost of candidates nested in one another; None when ambiguous.
 
-    Modules of different extent hold the same values (a wrapper returning its only
-    child's output): among candidates nested in one another, the outermost one is
-    the module that finished the computation on that side, but it is also the one
-    that may do more; only a unique, mutual match is taken, so both stay unpaired
-    rather than guessed.
+    A wrapper that returns its only child's output holds the same values as the
+    child (FastVideo's ``patch_embedding`` around ``patch_embedding.proj``); the
+    child is the module that did the computation, the wrapper may do more.
+    Candidates that are not one chain of ancestors are different modules with the
+    same numbers: ambiguous, so nothing is guessed.
     """
-    if len(found) != 1:
+    if not found:
         return None
-    p = found[0]
-    if matches_port.get(p) != [u]:
+    chain = sorted(found, key=lambda m: side.names[m].count(".") if side.names[m] else -1)
+    for outer, inner in zip(chain, chain[1:], strict=False):
+        if not is_within(side.names[inner], side.names[outer]):
+            return None
+    return chain[-1]
+
+
+class _Tree:
+    """Whether a pair keeps the module trees consistent with the pairs made so far."""
+
+    def __init__(self, up: Side, port: Side, pairs: dict[int, int], partner_of: dict[int, int]) -> None:
+        self.up, self.port, self.pairs, self.partner_of = up, port, pairs, partner_of
+
+    def choose(self, found: list[int], pair: Callable[[int], tuple[int, int]], side: Side) -> int | None:
+        """The candidate that keeps the trees consistent (strictly if one does, else within the parents)."""
+        for loose in (False, True):
+            kept = [m for m in found if self.consistent(*pair(m), loose=loose)]
+            if kept:
+                return _innermost(kept, side)
         return None
-    return p
+
+    def consistent(self, u: int, p: int, *, loose: bool = False) -> bool:
+        """Every paired module below ``u`` has its partner below ``p``, and the other way round.
+
+        ``loose``: below ``p``'s parent is enough, for modules of different extent that
+        hold the same values (diffusers' GELU module owns the projection FastVideo's
+        MLP keeps beside its activation).
+        """
+        up_name, port_name = self.up.names[u], self.port.names[p]
+        up_scope = parent_name(up_name) if loose and up_name else up_name
+        port_scope = parent_name(port_name) if loose and port_name else port_name
+        for below in self.up.descendants.get(up_name, []):
+            partner = self.pairs.get(self.up.index[below])
+            if partner is not None and not is_within(self.port.names[partner], port_scope):
+                return False
+        for below in self.port.descendants.get(port_name, []):
+            partner = self.partner_of.get(self.port.index[below])
+            if partner is not None and not is_within(self.up.names[partner], up_scope):
+                return False
+        return True
 
 
 class _Stretches:

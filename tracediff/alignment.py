@@ -7,6 +7,7 @@ kept in its own small module so neither side reaches into the other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,6 +69,12 @@ class Suspect:
     def hint(self) -> str:
         """The mapping-file line that pairs them anyway, if they are the same module after all."""
         return f'[pairs] "{self.upstream}" = "{self.port}"'
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON types (an infinite distance becomes ``None``)."""
+        distance = self.distance if math.isfinite(self.distance) else None
+        return {"upstream": self.upstream, "port": self.port, "distance": distance, "reason": self.reason,
+                "map_line": self.hint()}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 
-from tracediff.alignment import Alignment
+from tracediff.alignment import Alignment, Suspect
 from tracediff.errors import DiffError
 from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
@@ -164,6 +164,13 @@ class Finding:
     culprit: str | None = None
     #: ``culprit``'s upstream counterpart, found the same way on the upstream side
     culprit_upstream: str | None = None
+    #: port modules that may hold the error, most likely first (``culprit`` leads)
+    suspects: tuple[str, ...] = ()
+    #: why ``culprit`` is blamed: ``own`` (the record's module), ``caller`` (the record is an input
+    #: that already differs: the module that called it), ``unaligned`` (a module with no counterpart
+    #: ran after the last good record), ``suspect`` (a module the aligner could not pair because its
+    #: values contradict its presumed counterpart ``culprit_upstream``, right before this record)
+    blame: str = "own"
 
     def __post_init__(self) -> None:
         if self.culprit is None:  # built without attribution: the record's own module
@@ -172,7 +179,7 @@ class Finding:
 
     @property
     def before_call(self) -> bool:
-        """The record is a module's *input*: the difference was made before that module ran."""
+        """The culprit ran before the record's module: the difference was made before that module ran."""
         return self.culprit != self.port
 
     @property
@@ -228,6 +235,8 @@ class DiffResult:
     #: the port trace holds module inputs, so a drift made before a module ran is told apart
     module_inputs: bool = False
     unchecked_inputs: int = 0
+    #: pairs the aligner's value evidence contradicted (shown, never fatal)
+    alignment_suspects: list[Suspect] = field(default_factory=list)
     _table: _Table | None = field(default=None, repr=False)
 
     def __bool__(self) -> bool:
@@ -293,7 +302,7 @@ def diff_traces(
         raise DiffError(f"fail_on has unknown kind {unknown[0]!r}; valid: {', '.join(KINDS)}")
     match = _Match.build(upstream, port, alignment, step)
     table = _Table.build(upstream, port, match, tol)
-    return _collect(table, tol, fail_on, upstream, port)
+    return _collect(table, tol, fail_on, upstream, port, list(alignment.suspects))
 
 
 def _resolve_tolerance(tolerance: Tolerance | str | None) -> Tolerance:
@@ -1013,7 +1022,9 @@ def _segment_metrics(
 # -- findings ------------------------------------------------------------------------------
 
 
-def _collect(table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: Trace, port: Trace) -> DiffResult:
+def _collect(
+    table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: Trace, port: Trace, suspects: list[Suspect]
+) -> DiffResult:
     m = table.match
     if not len(m.mu):
         raise DiffError(
@@ -1054,7 +1065,7 @@ def _collect(table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: T
     fatal_codes = np.asarray([code[k] for k in sorted(fail_on)], dtype=np.int64)
     fatal = np.isin(kind_arr, fatal_codes)
 
-    make = _FindingFactory(table, fail_on)
+    make = _FindingFactory(table, fail_on, suspects)
     firsts = np.unique(step_arr * len(KINDS) + kind_arr, return_index=True)[1] if len(kind_arr) else np.zeros(0, int)
     findings = [make(int(kind_arr[i]), int(ref_arr[i]), float(pos_arr[i])) for i in sorted(firsts.tolist())]
     first_drift = None
@@ -1086,6 +1097,7 @@ def _collect(table: _Table, tol: Tolerance, fail_on: frozenset[str], upstream: T
         port_path=port.path,
         module_inputs=bool(m.p_module_input.any()),
         unchecked_inputs=int((np.isnan(table.ratio) & m.p_module_input[m.mp]).sum()),
+        alignment_suspects=suspects,
         _table=table,
     )
 
@@ -1096,12 +1108,34 @@ def _last_good(table: _Table, step: int, pos: float) -> LayerRow | None:
     return table.row(int(before[-1])) if len(before) else None
 
 
+def _unaligned_between(table: _Table, good: LayerRow | None, row: LayerRow) -> list[str]:
+    """Port modules with no counterpart whose records lie between the last good record and ``row``.
+
+    Their outputs were never compared, so the error may have been made in any of
+    them (FastVideo's attention core applies the rotary embedding and has no
+    diffusers module): they come before the caller's own code among the suspects.
+    """
+    port = table.port
+    cols = port.records.columns
+    end = int(cols["seq"][row.port_record])
+    if good is None:  # nothing before it compared: no window to speak of
+        return []
+    start = int(cols["seq"][good.port_record])
+    step = table.match.p_step
+    inside = np.flatnonzero((cols["seq"] > start) & (cols["seq"] < end) & (step == row.step)
+                            & (table.match.p_pair < 0))
+    inside = inside[np.argsort(cols["seq"][inside], kind="stable")]
+    names = [port.module_name(int(module)) for module in cols["module"][inside]]
+    return [name for name in dict.fromkeys(names) if name and name != "<unknown>"]
+
+
 class _FindingFactory:
     """Builds the few :class:`Finding` objects a report shows, with their one-line messages."""
 
-    def __init__(self, table: _Table, fail_on: frozenset[str]) -> None:
+    def __init__(self, table: _Table, fail_on: frozenset[str], suspects: list[Suspect]) -> None:
         self.table = table
         self.fail_on = fail_on
+        self.suspect_of = {suspect.port: suspect for suspect in suspects}
 
     def __call__(self, kind_code: int, ref: int, position: float) -> Finding:
         kind = KINDS[kind_code]
@@ -1131,13 +1165,26 @@ class _FindingFactory:
                 position=position,
             )
         row = t.row(ref)
-        culprit = culprit_upstream = None  # the record's own modules, unless it is an input
+        culprit = culprit_upstream = None  # the record's own modules, unless attributed below
+        blame, suspects = "own", ()
+        unaligned = _unaligned_between(t, _last_good(t, row.step, position), row)
+        contradicted = [name for name in unaligned if name in self.suspect_of]
         if m.p_module_input[row.port_record]:
-            culprit, culprit_upstream = caller_of(row.port, t.port), caller_of(row.upstream, t.upstream)
+            caller = caller_of(row.port, t.port)
+            culprit, culprit_upstream, blame = caller, caller_of(row.upstream, t.upstream), "caller"
+            suspects = tuple(dict.fromkeys([*unaligned, caller]))
+            if unaligned:  # a module with no counterpart ran in between: it is the first suspect
+                culprit, culprit_upstream, blame = unaligned[0], None, "unaligned"
+        elif not m.p_module_input.any():  # without inputs, the error may also come from before it
+            suspects = tuple(dict.fromkeys([row.port, *unaligned, caller_of(row.port, t.port)]))
+        if contradicted:  # values contradicted its pairing while everything before agreed: look there first
+            culprit, blame = contradicted[0], "suspect"
+            culprit_upstream = self.suspect_of[culprit].upstream
+            suspects = tuple(dict.fromkeys([culprit, *suspects, row.port]))
         return Finding(
             kind, row.step, row.call, row.label, row.port, row.upstream, kind in self.fail_on,
             _message(kind, row, t), row=row, port_record=row.port_record, upstream_record=row.upstream_record,
-            position=position, culprit=culprit, culprit_upstream=culprit_upstream,
+            position=position, culprit=culprit, culprit_upstream=culprit_upstream, suspects=suspects, blame=blame,
         )
 
 

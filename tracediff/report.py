@@ -60,6 +60,21 @@ def headline(result: DiffResult) -> str:
             f"in step{'s' if len(result.steps) != 1 else ''} {_steps(result.steps)} ({result.tolerance.describe()})"
         )
     what = first.message if first.kind == "drift" else f"{first.kind.replace('_', ' ')}: {first.message}"
+    if first.blame == "unaligned":
+        rest = [display_name(name) for name in first.suspects[1:]]
+        return (
+            f"first drift: {display_name(first.culprit)} (no upstream counterpart), step {first.step}: it ran "
+            f"after the last good record and before {display_name(first.port)} (upstream "
+            f"{display_name(first.upstream)}), whose {first.label} (call {first.call}) already differs: {what}"
+            + (f"; next suspect: {', '.join(rest)}'s own code" if rest else "")
+        )
+    if first.blame == "suspect":
+        return (
+            f"first drift: {display_name(first.culprit)} (alignment suspect: upstream "
+            f"{display_name(first.culprit_upstream)} by order and shape only), step {first.step}: its output "
+            f"already differs grossly from that module's while everything before it agrees, and the next compared "
+            f"record, {display_name(first.port)}'s {first.label} (call {first.call}), differs: {what}"
+        )
     if first.before_call:
         return (
             f"first drift: {display_name(first.culprit)} (upstream {display_name(first.culprit_upstream)}), "
@@ -127,10 +142,11 @@ def _detail_lines(result: DiffResult) -> list[str]:
         )
         port_trace = result.port_trace
         if not first.before_call and not result.module_inputs and first.port and port_trace is not None:
+            others = [display_name(name) for name in first.suspects[1:]] or [
+                display_name(caller_of(first.port, port_trace))]
             lines.append(
                 f"module inputs were not recorded: if {display_name(first.port)}'s own code is right, the error was "
-                f"made before it ran, in {display_name(caller_of(first.port, port_trace))}; "
-                f"trace with {ENV_INPUTS}=1 to tell"
+                f"made before it ran, in {' or '.join(others)}; trace with {ENV_INPUTS}=1 to tell"
             )
         later = [s for s in result.drifting_steps if s != first.step]
         if later:
@@ -138,6 +154,12 @@ def _detail_lines(result: DiffResult) -> list[str]:
         for finding in _notes_before(result):
             lines.append(f"note before it: {finding.kind.replace('_', ' ')} at {display_name(finding.port)}: "
                          f"{finding.message}")
+    for suspect in result.alignment_suspects:
+        lines.append(
+            f"alignment suspect (not a finding): upstream {display_name(suspect.upstream)} and port "
+            f"{display_name(suspect.port)} were left unpaired: {suspect.reason}; if they are the same module, "
+            f"put {suspect.hint()} in a map file (--map)"
+        )
     else:
         for finding in result.findings[:3]:
             lines.append(f"note: {finding.kind.replace('_', ' ')} at {display_name(finding.port)}: {finding.message}")
@@ -259,7 +281,9 @@ def to_json(result: DiffResult) -> dict[str, Any]:
         "last_good": _row_dict(result.last_good) if result.last_good is not None else None,
         "findings": [_finding_dict(f) for f in result.findings],
         "rows": [_row_dict(r) for r in result.rows],
+        "alignment_suspects": [s.to_dict() for s in result.alignment_suspects],
     }
+
 
 
 def _finding_dict(finding: Finding) -> dict[str, Any]:
@@ -273,7 +297,9 @@ def _finding_dict(finding: Finding) -> dict[str, Any]:
         "upstream": finding.upstream,
         "culprit": finding.culprit,
         "culprit_upstream": finding.culprit_upstream,
+        "suspects": list(finding.suspects),
         "before_call": finding.before_call,
+        "blame": finding.blame,
         "message": finding.message,
         "metric": finding.metric,
         "value": _clean(finding.value),

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tracediff.align import align, alignment_to_dict, coverage, write_mapping
 from tracediff.alignment import Alignment
@@ -107,6 +108,12 @@ def render(alignment: Alignment, figures: dict[str, dict[str, int]], *, written:
         console.print(f"unmatched {side} ({len(names)}): {listed}", highlight=False)
     for note in alignment.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for suspect in alignment.suspects:
+        console.print(Text.assemble(
+            ("alignment suspect:", "yellow"),
+            f" upstream {_shown(suspect.upstream)} / port {_shown(suspect.port)} left unpaired: {suspect.reason}; "
+            f"if they are the same module, map them: {suspect.hint()}",
+        ), highlight=False)
     if written:
         console.print(f"wrote {written} (edit it, then pass it back with --map)", highlight=False)
 

@@ -1,0 +1,39 @@
+"""The summary table of planted bugs: which module each way of asking names, against the expected one."""
+
+from __future__ import annotations
+
+from wan_bugs import BUGS, Bug
+
+#: The ways of asking, in table order: first-drift with automatic alignment, with the port's
+#: param_names_mapping, bisection, and first-drift of FastVideo's own JSONL trace of the port.
+AUTO, PARAM_MAP, BISECT, JSONL = "first-drift auto", "first-drift --param-map", "bisect", "FastVideo JSONL"
+TOOLS = (AUTO, PARAM_MAP, BISECT, JSONL)
+
+
+def verdict(bug: Bug, named: str | None) -> str:
+    """``ok`` when the expected module is named, ``WRONG`` otherwise, ``n/a`` when not run."""
+    if named is None:
+        return "n/a"
+    return "ok" if bug.named_correctly(named) else "WRONG"
+
+
+def render_table(results: dict[str, dict[str, str | None]]) -> str:
+    """A plain-text table, one row per bug, a column pair (named, verdict) per tool."""
+    header = ["bug", "expected"]
+    for tool in TOOLS:
+        header += [tool, ""]
+    body = []
+    for bug in BUGS:
+        found = results.get(bug.name)
+        if found is None:
+            continue
+        cells = [bug.name, bug.expected + (" (or inside)" if bug.scope == "subtree" else "")]
+        for tool in TOOLS:
+            named = found.get(tool)
+            cells += ["-" if named is None else (named or "<model>"), verdict(bug, named)]
+        body.append(cells)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+             for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
