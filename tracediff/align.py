@@ -80,6 +80,8 @@ CONFIDENCE = {
     "values": 0.8,
     "name": 0.5,
 }
+#: Containers that only hold modules and have no forward: never a module's counterpart.
+NEVER_CALLED = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
 #: Notes of pairs whose evidence is order, shape or children only: value evidence may overrule them.
 CONTAINER_NOTE = "paired through the modules inside it"
 ROOT = ""
@@ -152,7 +154,10 @@ def align_sides(
         _same_name(state)
         _structure(state)
         _containers(state)
-        _values(state)
+        if _values(state):  # the values' pairs are anchors: what is left is paired again in shorter stretches
+            _structure(state)
+            _containers(state)
+            _values(state)
     return state.result()
 
 
@@ -175,6 +180,10 @@ class _State:
         self.ignored_port: set[int] = set()
         self.notes: list[str] = []
         self.suspects: list[Suspect] = []
+        # Modules whose traced values equal a module's on the other side without being its pair
+        # (wrappers, modules of another extent): explained, never paired by order and shape.
+        self.explained_up: set[int] = set()
+        self.explained_port: set[int] = set()
         # Modules whose weights equal some module's on the other side: if still
         # unpaired after the fingerprint stage they are ambiguous twins, and
         # pairing them by order and shape would only dress a guess up as evidence.
@@ -496,8 +505,9 @@ def _same_name(state: _State) -> None:
 
     Fingerprints fail exactly where the port converted a weight wrong; without
     this the buggy module would drop out of the comparison and its parent would
-    take the blame. Same qualified name, same class and same parameter shapes
-    is strong evidence even when the values differ, and the difference is
+    take the blame. The same qualified name with the same parameters (names and
+    shapes: a ``Linear`` and FastVideo's ``ReplicatedLinear`` are the same kind of
+    layer) is strong evidence even when the values differ, and the difference is
     itself the finding (the pre-flight names the parameter).
     """
     up, port = state.up, state.port
@@ -507,17 +517,21 @@ def _same_name(state: _State) -> None:
         p = port.index.get(name)
         if p is None or not state.free_port(p) or not port.owns_params(p):
             continue
-        if up.short_class(u) != port.short_class(p) and up.kinds[u] != port.kinds[p]:
-            continue
-        if up.param_shapes(u) != port.param_shapes(p):
+        if _own_params(up, u) != _own_params(port, p):  # same parameter names and shapes: the same kind of layer
             continue
         state.add_pair(u, p, "name", CONFIDENCE["name"], "same name, class and parameter shapes; weights differ")
+
+
+def _own_params(side: Side, module: int) -> list[tuple[str, tuple[int, ...]]]:
+    """``(local name, shape)`` of the module's own parameters and buffers, sorted."""
+    return sorted((side.table.params[row].name.rsplit(".", 1)[-1], side.table.params[row].shape)
+                  for row in side.identity[module])
 
 
 # -- values ---------------------------------------------------------------------------------
 
 
-def _values(state: _State) -> None:
+def _values(state: _State) -> bool:
     """Let the traced values confirm, replace or drop the weakest pairs (see :mod:`tracediff.align_values`)."""
     stage = ValueStage(
         up=state.up,
@@ -528,15 +542,23 @@ def _values(state: _State) -> None:
         free_port=state.free_port,
         twins_up=state.weight_twins_up,
         twins_port=state.weight_twins_port,
+        suspect_ports={state.port.index[s.port] for s in state.suspects},
     )
     outcome = apply_value_evidence(stage)
     for u, _ in outcome.drop:
         if u in state.pairs:
             state.remove_pair(u)
+    for suspect in outcome.suspects:  # never paired again by order and shape
+        state.explained_up.add(state.up.index[suspect.upstream])
+        state.explained_port.add(state.port.index[suspect.port])
     for u, p, note in outcome.add:
         if state.free_up(u) and state.free_port(p):
             state.add_pair(u, p, "values", CONFIDENCE["values"], note)
-    state.suspects += outcome.suspects
+    known = {(s.upstream, s.port) for s in state.suspects}
+    state.suspects += [s for s in outcome.suspects if (s.upstream, s.port) not in known]
+    state.explained_up |= outcome.explained_up
+    state.explained_port |= outcome.explained_port
+    return bool(outcome.add or outcome.drop)
 
 
 # -- containers -------------------------------------------------------------------
@@ -601,6 +623,10 @@ def _container_candidate(
         return None
     targets = sorted({other.names[m] for m, _, _ in found})
     candidate = common_ancestor(targets, other.index)
+    while candidate != ROOT and other.short_class(other.index[candidate]) in NEVER_CALLED:
+        candidate = parent_name(candidate)  # a ModuleList is never called: the module that calls its items is
+        if candidate not in other.index:
+            return None
     if not is_free(other.index[candidate]):
         if candidate == ROOT:
             return None
@@ -647,20 +673,25 @@ def _structure_round(state: _State, *, hold_back: bool) -> None:
 
     def eligible(side: Side, module: int, is_free: Any) -> bool:
         twins = state.weight_twins_up if side is up else state.weight_twins_port
+        explained = state.explained_up if side is up else state.explained_port
         return (
             side.names[module] != ROOT
             and is_free(module)
             and module not in twins
+            and module not in explained
             and (side.ran(module) or not use_exec)
             and not (hold_back and module in side.passthrough)
         )
+
+    # A side without weights (a FastVideo JSONL trace) cannot say which modules own parameters.
+    weights_known = bool(up.table.params) and bool(port.table.params)
 
     def key(side: Side) -> Any:
         def of(module: int) -> Any:
             shape = side.signature.get(module) if use_exec else side.kinds[module]
             if use_exec and not shape:
                 return None
-            if not side.owns_params(module):
+            if not weights_known or not side.owns_params(module):
                 return (shape, ())
             return (shape, tuple(sorted(_numel(side, row) for row in side.identity[module])))
 
@@ -669,7 +700,7 @@ def _structure_round(state: _State, *, hold_back: bool) -> None:
     def accept(found: list[OrderedPair], where: str, penalty: float) -> int:
         for item in found:
             u, p = item.upstream, item.port
-            if up.owns_params(u):
+            if up.owns_params(u) and weights_known:
                 state.add_pair(u, p, "structure", 0.4 - penalty, f"by {what}{where}; their weights differ")
                 continue
             confidence = (0.6 if item.class_size == 1 else 0.5) - penalty

@@ -11,16 +11,24 @@ The module owning an upstream parameter pairs with the module owning its
 mapped name. When the links between modules are not one-to-one (a merge, or
 one module's parameters spread over several) the modules form a
 :class:`~tracediff.alignment.Group` instead of a pair.
+
+A table is written for one module; the module traced may be its child or its
+parent (the table maps bare ``blocks.0...`` names while the port runs as
+``model.blocks.0...`` inside a wrapper, or the other way round). When the table
+links fewer than half of the parameters as it stands, prefix offsets read from
+the names themselves are tried on each side (:func:`find_offsets`), and one that
+links clearly more is applied and named in the notes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import re
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,39 @@ ParamMap = dict[str, "str | tuple[str, int, int]"]
 #: Attribute names looked up in a ``.py`` file given without ``:ATTR``.
 DEFAULT_ATTRS = ("param_names_mapping", "PARAM_NAMES_MAPPING")
 
+#: Most candidate prefixes tried per side and per kind (strip / add): the search
+#: is a fallback for a table that fits badly, it must stay cheap on big models.
+MAX_CANDIDATES = 6
+
+
+@dataclass(frozen=True)
+class PrefixOffset:
+    """How one side's traced names differ from the table's names by a leading prefix.
+
+    A traced name ``traced + rest`` is the table's ``table + rest``; at most one of
+    the two prefixes is non-empty (``traced="model."``: the traced module is a
+    wrapper around the table's model; ``table="model."``: the traced module is
+    the child the table calls ``model``). Both empty: no offset.
+    """
+
+    traced: str = ""
+    table: str = ""
+
+    def __bool__(self) -> bool:
+        return self.traced != self.table
+
+    def to_table(self, name: str) -> str | None:
+        """The table's name for a traced name; ``None`` outside the part the table covers."""
+        return self.table + name[len(self.traced) :] if name.startswith(self.traced) else None
+
+    def to_traced(self, name: str) -> str | None:
+        """The traced name for a table name; ``None`` outside the traced module."""
+        return self.traced + name[len(self.table) :] if name.startswith(self.table) else None
+
+    def describe(self, label: str) -> str:
+        return f"{label} modules are traced as '{self.traced}<name>' where the table says '{self.table}<name>'"
+
+
 
 @dataclass
 class ParamMapLinks:
@@ -43,12 +84,16 @@ class ParamMapLinks:
     Attributes:
         pairs: ``(upstream module, port module)`` linked one-to-one.
         groups: modules linked many-to-one (merges, or parameters spread out).
-        notes: rules that matched no upstream parameter in this model.
+        notes: rules that matched no upstream parameter in this model, and the
+            prefix offset applied, if any.
+        upstream_offset, port_offset: the prefix offsets applied (empty: none).
     """
 
     pairs: list[tuple[str, str]]
     groups: list[Group]
     notes: list[str]
+    upstream_offset: PrefixOffset = PrefixOffset()
+    port_offset: PrefixOffset = PrefixOffset()
 
 
 def load_param_map(ref: str | Path) -> dict[str, Any]:
@@ -119,32 +164,59 @@ def validate_param_map(mapping: Any, *, origin: str = "<param map>") -> dict[str
 def param_map_links(mapping: Mapping[str, Any], upstream: Side, port: Side, *, origin: str) -> ParamMapLinks:
     """Turn parameter-level rules into module-level pairs and groups.
 
+    When the table as it stands links fewer than half of the parameters and a
+    prefix offset on either side links clearly more (:func:`find_offsets`), the
+    offset is applied and said in the first note.
+
     Raises:
         AlignmentError: a rule maps an upstream parameter to a name the port does
             not have (the port's own loader would fail the same way), or a
             template does not expand.
     """
-    port_params = {_full(port.names[e.module_index], e.name): e.module_index for e in port.table.params}
     compiled = [(pattern, value, re.compile(pattern)) for pattern, value in mapping.items()]
+    up_offset, port_offset, note = find_offsets(compiled, upstream, port, origin=origin)
+    links = _links(compiled, upstream, port, origin, up_offset, port_offset)
+    if note:
+        links.notes.insert(0, note)
+    links.upstream_offset, links.port_offset = up_offset, port_offset
+    return links
+
+
+def _links(
+    compiled: Sequence[tuple[str, Any, re.Pattern[str]]],
+    upstream: Side,
+    port: Side,
+    origin: str,
+    up_offset: PrefixOffset,
+    port_offset: PrefixOffset,
+) -> ParamMapLinks:
+    port_params = _port_params(port)
     used: set[str] = set()
     links: dict[tuple[int, int], list[str]] = {}  # (upstream, port) module -> merged port tensors
     merges: dict[str, dict[int, str]] = defaultdict(dict)  # merged port tensor -> {merge index: upstream name}
     merge_index: dict[int, int] = {}  # upstream module -> its place in a merge
     for entry in upstream.table.params:
         name = _full(upstream.names[entry.module_index], entry.name)
+        table_name = up_offset.to_table(name)
+        if table_name is None:  # outside the model the table is written for
+            continue
         for pattern, value, regex in compiled:
-            match = regex.match(name)
+            match = regex.match(table_name)
             if match is None:
                 continue
             used.add(pattern)
             template = value if isinstance(value, str) else value[0]
             try:
-                target = match.expand(template)
+                mapped = match.expand(template)
             except (re.error, IndexError) as exc:
                 raise AlignmentError(f"{origin}: rule {quoted(pattern)} cannot expand for {name!r}: {exc}") from None
+            target = port_offset.to_traced(mapped)
+            if target is None:  # a part of the table's model outside the traced port module
+                break
             if target not in port_params:
+                traced_as = f" (traced as {target!r})" if port_offset else ""
                 raise AlignmentError(
-                    f"{origin}: rule {quoted(pattern)} maps upstream parameter {name!r} to {target!r}, "
+                    f"{origin}: rule {quoted(pattern)} maps upstream parameter {name!r} to {mapped!r}{traced_as}, "
                     "which is not a parameter of the port"
                 )
             targets = links.setdefault((entry.module_index, port_params[target]), [])
@@ -159,6 +231,186 @@ def param_map_links(mapping: Mapping[str, Any], upstream: Side, port: Side, *, o
         if pattern not in used
     ]
     return _components(links, merges, merge_index, upstream, port, notes)
+
+
+# -- prefix offsets ---------------------------------------------------------------
+
+
+def find_offsets(
+    compiled: Sequence[tuple[str, Any, re.Pattern[str]]], upstream: Side, port: Side, *, origin: str
+) -> tuple[PrefixOffset, PrefixOffset, str]:
+    """The prefix offsets (upstream, port) under which the table links the most parameters.
+
+    Nothing is searched while the table as it stands links at least half of the
+    upstream parameters or of the port parameters. Otherwise candidates come from
+    the names: on the upstream side, stripping the dotted ancestors of the
+    parameter owners' longest common prefix and the leading components of the
+    names no rule matches, or adding the leading literal components of the
+    rules' regexes; on the port side, for every name the table produces, the
+    prefix it lacks or has in excess compared with a port parameter that ends
+    the same. The best pair (most upstream parameters linked, then most port
+    parameters, then the fewest and shortest prefixes) is taken only if it links
+    more parameters than no offset and at least half of one side's parameters.
+
+    Returns:
+        ``(upstream offset, port offset, note)``; empty offsets and note when none applies.
+    """
+    none = PrefixOffset()
+    up_total = sum(1 for e in upstream.table.params if e.kind == "parameter")
+    port_total = sum(1 for e in port.table.params if e.kind == "parameter")
+    port_params = _port_params(port)
+    port_parameters = {
+        _full(port.names[e.module_index], e.name) for e in port.table.params if e.kind == "parameter"
+    }
+
+    def enough(score: tuple[int, int]) -> bool:
+        return 2 * score[0] >= up_total or 2 * score[1] >= port_total
+
+    def score(targets: list[str | None], offset: PrefixOffset) -> tuple[int, int]:
+        hits = [offset.to_traced(t) for t in targets if t is not None]
+        found = [t for t in hits if t is not None and t in port_params]
+        return len(found), len(port_parameters.intersection(found))
+
+    baseline_targets = _targets(compiled, upstream, none)
+    baseline = score(baseline_targets, none)
+    if up_total == 0 or enough(baseline):
+        return none, none, ""
+    best: tuple[tuple[int, int, int, int], PrefixOffset, PrefixOffset] | None = None
+    for up_offset in [none, *_upstream_candidates(compiled, upstream, baseline_targets)]:
+        targets = baseline_targets if not up_offset else _targets(compiled, upstream, up_offset)
+        for port_offset in [none, *_port_candidates(targets, port_params)]:
+            if not up_offset and not port_offset:
+                continue
+            linked = score(targets, port_offset)
+            changed = bool(up_offset) + bool(port_offset)
+            length = sum(len(o.traced) + len(o.table) for o in (up_offset, port_offset))
+            key = (linked[0], linked[1], -changed, -length)
+            if best is None or key > best[0]:
+                best = (key, up_offset, port_offset)
+    if best is None:
+        return none, none, ""
+    (n_up, n_port, _, _), up_offset, port_offset = best
+    if n_up <= baseline[0] or not enough((n_up, n_port)):
+        return none, none, ""
+    said = " and ".join(
+        offset.describe(label) for label, offset in (("upstream", up_offset), ("port", port_offset)) if offset
+    )
+    note = (
+        f"{origin}: its names are off by a prefix: {said}; applied the offset "
+        f"({n_up} of {up_total} upstream parameters linked, {baseline[0]} without it)"
+    )
+    return up_offset, port_offset, note
+
+
+def _targets(
+    compiled: Sequence[tuple[str, Any, re.Pattern[str]]], upstream: Side, offset: PrefixOffset
+) -> list[str | None]:
+    """Per upstream parameter (buffers left out), the table's name for it, or ``None``."""
+    out: list[str | None] = []
+    for entry in upstream.table.params:
+        if entry.kind != "parameter":
+            continue
+        name = offset.to_table(_full(upstream.names[entry.module_index], entry.name))
+        target = None
+        if name is not None:
+            for _, value, regex in compiled:
+                match = regex.match(name)
+                if match is not None:
+                    with contextlib.suppress(re.error, IndexError):  # the strict pass names the rule
+                        target = match.expand(value if isinstance(value, str) else value[0])
+                    break
+        out.append(target)
+    return out
+
+
+def _upstream_candidates(
+    compiled: Sequence[tuple[str, Any, re.Pattern[str]]], upstream: Side, targets: list[str | None]
+) -> list[PrefixOffset]:
+    """Offsets worth trying on the upstream side, read from its names and the rules' regexes."""
+    names = [
+        _full(upstream.names[e.module_index], e.name) for e in upstream.table.params if e.kind == "parameter"
+    ]
+    owners = [upstream.names[e.module_index] for e in upstream.table.params if e.kind == "parameter"]
+    strip: Counter[str] = Counter()
+    common = _common_prefix([owner.split(".") for owner in owners]) if all(owners) else []
+    for depth in range(1, len(common) + 1):
+        strip[".".join(common[:depth]) + "."] += len(names)
+    unmatched = [name.split(".") for name, target in zip(names, targets, strict=True) if target is None]
+    for parts in unmatched:
+        for depth in (1, 2):
+            if len(parts) > depth:
+                strip[".".join(parts[:depth]) + "."] += 1
+    add: Counter[str] = Counter()
+    for pattern, _, _ in compiled:
+        literal = _literal_prefix(pattern)
+        for position, char in enumerate(literal):
+            if char == ".":
+                add[literal[: position + 1]] += 1
+    return [PrefixOffset(traced=p) for p, _ in strip.most_common(MAX_CANDIDATES)] + [
+        PrefixOffset(table=p) for p, _ in add.most_common(MAX_CANDIDATES)
+    ]
+
+
+def _port_candidates(targets: list[str | None], port_params: Mapping[str, int]) -> list[PrefixOffset]:
+    """Offsets worth trying on the port side: what the table's names lack or have in excess.
+
+    For a produced name ``a + rest`` and a port parameter ``b + rest`` (``rest`` at
+    least a module and a parameter name), ``a`` -> ``b`` is a candidate when one of
+    them is empty; candidates are ranked by how many produced names they resolve.
+    """
+    by_suffix: dict[str, set[str]] = defaultdict(set)
+    for name in port_params:
+        parts = name.split(".")
+        for depth in range(len(parts) - 1):
+            by_suffix[".".join(parts[depth:])].add(".".join(parts[:depth]) + "." if depth else "")
+    support: Counter[PrefixOffset] = Counter()
+    for target in targets:
+        if target is None or target in port_params:
+            continue
+        parts = target.split(".")
+        for depth in range(len(parts) - 1):
+            lacks = ".".join(parts[:depth]) + "." if depth else ""
+            for has in by_suffix.get(".".join(parts[depth:]), ()):
+                if (lacks == "") != (has == ""):
+                    support[PrefixOffset(traced=has, table=lacks)] += 1
+    return [offset for offset, _ in support.most_common(MAX_CANDIDATES)]
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The literal start of a regex, dots unescaped: ``^blocks\\.(\\d+)`` -> ``blocks.``."""
+    out: list[str] = []
+    i = 1 if pattern.startswith("^") else 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char.isalnum() or char in "_-":
+            literal, step = char, 1
+        elif char == "\\" and pattern[i + 1 : i + 2] in (".", "_", "-"):
+            literal, step = pattern[i + 1], 2
+        elif char == ".":  # an unescaped dot in a name regex almost always means a dot
+            literal, step = ".", 1
+        else:
+            break
+        if pattern[i + step : i + step + 1] in ("?", "*", "+", "{"):  # the character is optional or repeated
+            break
+        out.append(literal)
+        i += step
+    return "".join(out)
+
+
+def _common_prefix(names: list[list[str]]) -> list[str]:
+    if not names:
+        return []
+    common = names[0]
+    for parts in names[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return common
+
+
+def _port_params(port: Side) -> dict[str, int]:
+    return {_full(port.names[e.module_index], e.name): e.module_index for e in port.table.params}
 
 
 def _components(

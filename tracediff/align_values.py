@@ -180,6 +180,8 @@ class ValueStage:
     #: modules whose weights equal several on the other side: ambiguous by construction, never proposed
     twins_up: set[int] = field(default_factory=set)
     twins_port: set[int] = field(default_factory=set)
+    #: port modules of suspects found earlier: their disagreement came first
+    suspect_ports: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -189,6 +191,10 @@ class ValueOutcome:
     add: list[tuple[int, int, str]]
     drop: list[tuple[int, str]]
     suspects: list[Suspect]
+    #: unpaired modules whose output equals some module's on the other side (a wrapper, a module of
+    #: another extent): explained, so order and shape must not pair them with a leftover
+    explained_up: set[int] = field(default_factory=set)
+    explained_port: set[int] = field(default_factory=set)
 
 
 def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
@@ -259,24 +265,32 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
         partner_of[p] = u
         outcome.add.append((u, p, "their outputs hold the same values"))
 
-    # 2. Checks: weak pairs whose outputs disagree grossly while everything before them agrees.
+    for u in (m for group in by_stretch_up.values() for m in group):
+        if u not in pairs and any(agrees(u, p) for p in by_stretch_port.get(stretches.up(up.exec_order[u]), [])):
+            outcome.explained_up.add(u)
+    for p in (m for group in by_stretch_port.values() for m in group):
+        if p not in partner_of and any(agrees(u, p) for u in by_stretch_up.get(stretches.port(port.exec_order[p]), [])):
+            outcome.explained_port.add(p)
+
+    # 2. Checks: weak pairs whose outputs disagree grossly while their inputs agree, or while no pair that
+    #    ran before them disagrees. Downstream of a real bug every later pair disagrees and nothing is
+    #    known of the order-and-shape pairs there, so only the first disagreement can be a suspect.
     added = {u for u, _, _ in outcome.add}
-    break_at = _first_break(values, strong, port, agrees)
+    broken = min((port.exec_order[p] for p in stage.suspect_ports if port.ran(p)), default=math.inf)
     for u, p in sorted(pairs.items(), key=lambda item: port.exec_order.get(item[1], math.inf)):
-        if u not in stage.weak or u in added or up.names[u] == port.names[p]:
-            continue  # a module of the same name that nothing better claimed stays paired: its drift is a finding
         d = values.output_distance(u, p)
-        if d is None or d <= GROSS:
+        if d is None or d <= values.agree_limit(u, p) or not port.ran(p):
             continue
+        first = port.exec_order[p] < broken
+        broken = min(broken, port.exec_order[p])
+        if u not in stage.weak or u in added or up.names[u] == port.names[p] or d <= GROSS:
+            continue  # a module of the same name that nothing better claimed stays paired: its drift is a finding
         inputs = values.input_distance(u, p)
-        context_agrees = (inputs is not None and inputs <= values.agree_limit(u, p)) or (
-            port.ran(p) and port.exec_order[p] < break_at
-        )
-        if not context_agrees:
+        inputs_agree = inputs is not None and inputs <= values.agree_limit(u, p)
+        if not (inputs_agree or first):
             continue
         reason = (f"paired by order and shape, but their outputs differ by {d:.2g} (relative) while "
-                  + ("their inputs agree" if inputs is not None and inputs <= values.agree_limit(u, p)
-                     else "every module before them agrees"))
+                  + ("their inputs agree" if inputs_agree else "every pair before them agrees"))
         outcome.drop.append((u, reason))
         outcome.suspects.append(Suspect(up.names[u], port.names[p], d, reason))
     return outcome
@@ -347,16 +361,6 @@ class _Stretches:
 
     def port(self, position: float) -> int:
         return bisect.bisect_right(self.ys, position)
-
-
-def _first_break(values: ValueIndex, strong: dict[int, int], port: Side, agrees: Callable[[int, int], bool]) -> float:
-    """Port execution position of the first strongly paired module whose output disagrees (inf if none)."""
-    positions = [
-        port.exec_order[p]
-        for u, p in strong.items()
-        if port.ran(p) and values.output_distance(u, p) is not None and not agrees(u, p)
-    ]
-    return float(min(positions)) if positions else math.inf
 
 
 __all__ = ["AGREE", "GROSS", "Suspect", "ValueIndex", "apply_value_evidence", "broadcast_equivalent"]

@@ -1129,6 +1129,14 @@ def _unaligned_between(table: _Table, good: LayerRow | None, row: LayerRow) -> l
     return [name for name in dict.fromkeys(names) if name and name != "<unknown>"]
 
 
+def _ran_before(table: _Table, row: LayerRow) -> list[str]:
+    """Port modules with records before ``row`` in its step, in execution order."""
+    cols = table.port.records.columns
+    before = np.flatnonzero((cols["seq"] < cols["seq"][row.port_record]) & (table.match.p_step == row.step))
+    before = before[np.argsort(cols["seq"][before], kind="stable")]
+    return list(dict.fromkeys(table.port.module_name(int(m)) for m in cols["module"][before]))
+
+
 class _FindingFactory:
     """Builds the few :class:`Finding` objects a report shows, with their one-line messages."""
 
@@ -1168,7 +1176,7 @@ class _FindingFactory:
         culprit = culprit_upstream = None  # the record's own modules, unless attributed below
         blame, suspects = "own", ()
         unaligned = _unaligned_between(t, _last_good(t, row.step, position), row)
-        contradicted = [name for name in unaligned if name in self.suspect_of]
+        contradicted = [name for name in _ran_before(t, row) if name in self.suspect_of]
         if m.p_module_input[row.port_record]:
             caller = caller_of(row.port, t.port)
             culprit, culprit_upstream, blame = caller, caller_of(row.upstream, t.upstream), "caller"
@@ -1180,7 +1188,11 @@ class _FindingFactory:
         if contradicted:  # values contradicted its pairing while everything before agreed: look there first
             culprit, blame = contradicted[0], "suspect"
             culprit_upstream = self.suspect_of[culprit].upstream
-            suspects = tuple(dict.fromkeys([culprit, *suspects, row.port]))
+            callers = [caller_of(culprit, t.port)]
+            if callers[0]:
+                callers.append(caller_of(callers[0], t.port))
+            # Its input may already have differed (inputs not recorded): its callers' own code comes next.
+            suspects = tuple(dict.fromkeys([culprit, *(c for c in callers if c), *suspects, row.port]))
         return Finding(
             kind, row.step, row.call, row.label, row.port, row.upstream, kind in self.fail_on,
             _message(kind, row, t), row=row, port_record=row.port_record, upstream_record=row.upstream_record,

@@ -23,7 +23,17 @@ from typing import Any
 from torch import nn
 
 from tracediff.alignment import Alignment
-from tracediff.bisect.isolate import CallFn, Pass, Transform, _Hooks, _incompatible, resolve_transforms, run_pass
+from tracediff.bisect.isolate import (
+    Autocast,
+    CallFn,
+    Pass,
+    Transform,
+    _Hooks,
+    _incompatible,
+    describe_autocast,
+    resolve_transforms,
+    run_pass,
+)
 from tracediff.bisect.metrics import Metrics, combine, compare
 from tracediff.bisect.noise import (
     DEFAULT_NOISE_FACTOR,
@@ -40,6 +50,10 @@ from tracediff.bisect.tree import ROOT, frontier, is_within, join_name, snapshot
 from tracediff.errors import TracediffError
 from tracediff.runner import clone_inputs, default_call
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
+
+
+#: How an operator-level finding that could not be traced begins its note.
+SKIPPED = "operator level skipped"
 
 
 class BisectError(TracediffError):
@@ -341,6 +355,7 @@ class _Session:
         forced_extra: list[str] = []
         passes_before = 0
         depth = 0
+        autocasts: list[tuple[ModuleError, Autocast, Autocast]] = []  # per level's culprit: port's, upstream's
         while True:
             level = measured.level(depth, parent, parent_up, self.passes - passes_before)
             passes_before = self.passes
@@ -349,6 +364,7 @@ class _Session:
             culprit = level.culprit
             if culprit is None:
                 break
+            autocasts.append((culprit, *_autocasts(measured, culprit)))
             children = frontier(self.port_modules, self.aligned, culprit.port)
             if not children or (max_depth is not None and depth >= max_depth):
                 parent_measured, parent_error = measured, culprit
@@ -360,6 +376,7 @@ class _Session:
             level_names, depth = children, depth + 1
             measured = self.measure(inputs, step, level_names, forced_extra)
 
+        _note_autocast(autocasts, notes)
         output_drifts = self._output_drifts(measured_top)
         self._output_floor = measured_top.output_floor
         if parent_error is None and not output_drifts:
@@ -371,6 +388,8 @@ class _Session:
         finding = None
         if operators:
             finding = self._operators(parent_error, parent_measured, inputs)
+            if finding is not None and finding.note.startswith(SKIPPED):
+                notes.append(finding.note)
         culprit, culprit_up, found_in = parent, parent_up, None
         if finding is not None and finding.port_op is not None and finding.port_op.module:
             # The first differing operator ran in a child with no counterpart (the operator trace
@@ -399,27 +418,49 @@ class _Session:
             eps = 4 * floor_minimum(self.dtype)
             tol = replace(tol, atol=max(tol.atol, eps), rtol=max(tol.rtol, eps))
         if culprit is None or measured is None:
-            # The model itself: run it whole, through the user's call functions.
+            # The model itself: run it whole, through the user's call functions, under the current autocast.
             def port_call(m: nn.Module, a: Any, k: Any) -> Any:
+                self.module_calls += 1
                 return self.port_call(m, clone_inputs(inputs))
 
             def up_call(m: nn.Module, a: Any, k: Any) -> Any:
+                self.module_calls += 1
                 return self.up_call(m, clone_inputs(inputs))
 
-            self.module_calls += 2
-            return operator_level(port_module, up_module, ((), {}), ((), {}), tol, port_name=port_name,
-                                  upstream_name=up_name, port_keys=port_keys, upstream_keys=up_keys,
-                                  port_call=port_call, upstream_call=up_call)
+            return self._trace(port_module, up_module, ((), {}), ((), {}), tol, port_name=port_name,
+                               upstream_name=up_name, port_keys=port_keys, upstream_keys=up_keys,
+                               port_call=port_call, upstream_call=up_call)
         port_calls = measured.forced.calls.get(port_name, [])
         up_calls = measured.reference.calls.get(up_name, [])
         call = culprit.call
         if call >= len(port_calls) or call >= len(up_calls) or port_calls[call].inputs is None \
                 or up_calls[call].inputs is None:
             return OpFinding(module=port_name, upstream_module=up_name, note="the module's inputs were not captured")
-        self.module_calls += 2
-        return operator_level(port_module, up_module, snapshot(port_calls[call].inputs),
-                              snapshot(up_calls[call].inputs), tol, port_name=port_name, upstream_name=up_name,
-                              port_keys=port_keys, upstream_keys=up_keys)
+
+        def counted(m: nn.Module, a: Any, k: Any) -> Any:
+            self.module_calls += 1
+            return m(*a, **k)
+
+        # Each module runs alone under the autocast it was called under in the model (an
+        # ancestor's ``with torch.autocast(...)``): its captured inputs may be in that dtype.
+        return self._trace(port_module, up_module, snapshot(port_calls[call].inputs), snapshot(up_calls[call].inputs),
+                           tol, port_name=port_name, upstream_name=up_name, port_keys=port_keys,
+                           upstream_keys=up_keys, port_call=counted, upstream_call=counted,
+                           port_autocast=port_calls[call].autocast, upstream_autocast=up_calls[call].autocast)
+
+    @staticmethod
+    def _trace(port_module: nn.Module, up_module: nn.Module, port_inputs: Any, up_inputs: Any, tol: Tolerance,
+               **options: Any) -> OpFinding:
+        """:func:`operator_level`; a module that cannot be re-run alone skips it with a note instead of raising."""
+        try:
+            return operator_level(port_module, up_module, port_inputs, up_inputs, tol, **options)
+        except Exception as exc:  # the user's forward, run out of its context: any error means "cannot re-run"
+            port_name, up_name = options["port_name"], options["upstream_name"]
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return OpFinding(
+                module=port_name, upstream_module=up_name, settings=module_settings(port_module, up_module),
+                note=f"{SKIPPED}: {port_name or 'the model'} (upstream {up_name or 'the model'}) could not be re-run "
+                     f"alone on its captured inputs: {type(exc).__name__}: {message}".rstrip(": "))
 
     def _result(self, path: list[Level], culprit: str | None, culprit_up: str | None, error: ModuleError | None,
                 output: Metrics | None, output_drifts: bool, step: int, checked: int, notes: list[str],
@@ -436,6 +477,26 @@ def _child_keys(modules: Mapping[str, nn.Module], parent: str, keys: Mapping[str
     """Descendants of ``parent`` that have a counterpart, by name relative to ``parent``, with a shared key."""
     prefix = f"{parent}." if parent else ""
     return {name[len(prefix):]: keys[name] for name in modules if is_within(name, parent) and name in keys}
+
+
+def _autocasts(measured: _Measured, error: ModuleError) -> tuple[Autocast, Autocast]:
+    """The autocast the port module and its upstream counterpart were called under, in that call."""
+    port = measured.forced.calls.get(error.port, [])
+    upstream = measured.reference.calls.get(error.upstream, [])
+    return (port[error.call].autocast if error.call < len(port) else (),
+            upstream[error.call].autocast if error.call < len(upstream) else ())
+
+
+def _note_autocast(autocasts: list[tuple[ModuleError, Autocast, Autocast]], notes: list[str]) -> None:
+    """Name the first culprit on the path called under another autocast than upstream's, and where it starts."""
+    for depth, (error, port, upstream) in enumerate(autocasts):
+        if port == upstream:
+            continue
+        where = (f"inside {autocasts[depth - 1][0].port}'s forward" if depth
+                 else "outside the top-level modules (the model's forward or the call function)")
+        notes.append(f"{error.port} runs under {describe_autocast(port)} in the port, upstream "
+                     f"{error.upstream} under {describe_autocast(upstream)}: the autocast changes {where}")
+        return
 
 
 def _note_unisolatable(level: Level, notes: list[str]) -> None:

@@ -17,12 +17,18 @@ Modules whose outputs are not structurally compatible (a different number of
 tensors, different shapes, complex against real) are not isolatable: they are
 reported with the reason and left unforced. A per-module transform may adapt the
 upstream output to the port's layout first.
+
+Where a module's inputs are captured, so is the ``torch.autocast`` state its
+forward was called under (set by an ancestor's forward, or by the call function):
+the operator level re-runs the module alone under the same autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +40,10 @@ from tracediff.bisect.tree import replace_leaves, shapes, snapshot, tensor_leave
 from tracediff.tolerance import Tolerance
 
 CallFn = Callable[[nn.Module, Any], Any]
+#: The autocast a module was called under: ``(device type, dtype)`` per device type where it was enabled.
+Autocast = tuple[tuple[str, torch.dtype], ...]
+#: Device types whose autocast state is always checked (besides those of the inputs and parameters).
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 #: ``upstream output -> the same output in the port's layout``, per port module.
 Transform = Callable[[Any], Any]
 
@@ -50,6 +60,7 @@ class CallRecord:
         input_drift: the port's own inputs against the reference's, before they were replaced.
         inputs_forced: whether the reference's inputs were handed to the module.
         reason: why the output could not be forced (empty when it was).
+        autocast: the autocast the module was called under (when its inputs were captured).
     """
 
     seq: int
@@ -59,6 +70,7 @@ class CallRecord:
     input_drift: Metrics | None = None
     inputs_forced: bool = False
     reason: str = ""
+    autocast: Autocast = ()
 
 
 @dataclass
@@ -156,6 +168,7 @@ class _Hooks:
                     record.inputs_forced = True
             if name in self.capture:
                 record.inputs = snapshot(replaced if replaced is not None else (args, kwargs))
+                record.autocast = autocast_state(device_types(module, record.inputs))
             return replaced
 
         return hook
@@ -209,6 +222,54 @@ def _incompatible(reference: list[torch.Tensor], own: list[torch.Tensor]) -> str
 
 def _cast_like(values: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [v.to(device=o.device, dtype=o.dtype).clone() for v, o in zip(values, like, strict=True)]
+
+
+def device_types(module: nn.Module, inputs: Any) -> list[str]:
+    """Device types whose autocast may matter to ``module`` run on ``inputs``: cpu, cuda and their own."""
+    found = dict.fromkeys(_AUTOCAST_DEVICES)
+    for tensor in tensor_leaves(inputs):
+        found[tensor.device.type] = None
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        found[tensor.device.type] = None
+        break
+    return list(found)
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` right now, ``None`` where it is off (or unknown)."""
+    try:
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    except (RuntimeError, ValueError, TypeError):  # a device type autocast does not know (meta, ...)
+        return None
+
+
+def autocast_state(devices: Iterable[str]) -> Autocast:
+    """The autocast enabled now on ``devices``: ``(device type, dtype)`` per device where it is on."""
+    state = []
+    for device in devices:
+        dtype = _autocast_dtype(device)
+        if dtype is not None:
+            state.append((device, dtype))
+    return tuple(state)
+
+
+@contextlib.contextmanager
+def autocast_as(state: Autocast, devices: Iterable[str]) -> Iterator[None]:
+    """Run under exactly the autocast ``state`` on ``devices`` (and ``state``'s own), entering or leaving it."""
+    wanted = dict(state)
+    with contextlib.ExitStack() as stack:
+        for device in dict.fromkeys([*wanted, *devices]):
+            dtype = wanted.get(device)
+            if dtype != _autocast_dtype(device):
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=dtype is not None))
+        yield
+
+
+def describe_autocast(state: Autocast) -> str:
+    """``torch.autocast('cpu', dtype=torch.bfloat16)``, or ``no autocast``."""
+    if not state:
+        return "no autocast"
+    return " and ".join(f"torch.autocast({device!r}, dtype={dtype})" for device, dtype in state)
 
 
 def run_pass(model: nn.Module, call: CallFn, inputs: Any, hooks: _Hooks) -> Pass:

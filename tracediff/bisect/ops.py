@@ -34,6 +34,7 @@ itself.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import linecache
 import os
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from tracediff.bisect.isolate import Autocast, autocast_as, device_types
 from tracediff.bisect.metrics import Metrics, compare
 from tracediff.bisect.result import OpFinding, OpRef, Source
 from tracediff.bisect.tree import is_container, is_within, tensor_leaves
@@ -212,6 +214,7 @@ def trace_ops(
     module_keys: Mapping[str, str] | None = None,
     look_through: frozenset[str] = frozenset(),
     call: Any = None,
+    autocast: Autocast | None = None,
 ) -> tuple[list[_Node], list[int]]:
     """Run ``module`` once on ``inputs`` recording its operators.
 
@@ -222,6 +225,8 @@ def trace_ops(
             counterpart on the other side (aligned children compare as one operator).
         look_through: child names (relative) whose operators are recorded as the module's own.
         call: ``call(module, args, kwargs)`` instead of ``module(*args, **kwargs)``.
+        autocast: the ``torch.autocast`` state to run under (the one the module was called
+            under when its inputs were captured); ``None`` leaves the current one.
 
     Returns:
         The recorded nodes and the node indices of the module's output tensors.
@@ -231,8 +236,9 @@ def trace_ops(
     for label, tensor in zip(_input_labels(inputs), tensor_leaves(inputs), strict=False):
         recorder.add_input(tensor, label)
     handles = recorder.hooks(module)
+    amp = autocast_as(autocast, device_types(module, inputs)) if autocast is not None else contextlib.nullcontext()
     try:
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), amp, recorder:
             out = call(module, args, kwargs) if call is not None else module(*args, **kwargs)
     finally:
         for handle in handles:
@@ -508,6 +514,8 @@ def operator_level(
     upstream_keys: Mapping[str, str] | None = None,
     port_call: Any = None,
     upstream_call: Any = None,
+    port_autocast: Autocast | None = None,
+    upstream_autocast: Autocast | None = None,
 ) -> OpFinding:
     """Trace both modules alone on their captured inputs and find the first differing operator.
 
@@ -515,13 +523,17 @@ def operator_level(
     a child with no counterpart whose forward is the user's code, both modules are
     traced again looking through such children, so the answer names the operator
     inside it (and the child it ran in) rather than "somewhere in that child".
+
+    ``port_autocast``/``upstream_autocast``: the ``torch.autocast`` state each module was
+    called under in the model (``None``: the current one); each is re-run under it.
+    Errors of the re-run propagate.
     """
 
     def compare(port_open: frozenset[str], up_open: frozenset[str]) -> tuple[OpFinding, list[_Node]]:
         port_nodes, port_out = trace_ops(port_module, port_inputs, module_keys=port_keys, call=port_call,
-                                         look_through=port_open)
+                                         look_through=port_open, autocast=port_autocast)
         up_nodes, up_out = trace_ops(upstream_module, upstream_inputs, module_keys=upstream_keys,
-                                     call=upstream_call, look_through=up_open)
+                                     call=upstream_call, look_through=up_open, autocast=upstream_autocast)
         found = find_first_difference(port_nodes, up_nodes, tolerance, port_outputs=port_out,
                                       upstream_outputs=up_out, module=port_name, upstream_module=upstream_name)
         return found, port_nodes

@@ -90,12 +90,16 @@ def test_first_drift_names_culprit_with_param_map(buggy, upstream, inputs, bug_r
 
 
 @pytest.mark.parametrize("bug_name", CASES)
-def test_bisect_names_culprit(buggy, upstream, inputs, bug_rows) -> None:
+def test_bisect_names_culprit(buggy, upstream, inputs, bug_rows, tmp_path) -> None:
     from tracediff.bisect import bisect_models
 
     planted, model = buggy
-    result = bisect_models(upstream, model, inputs, tolerance=PRESET, upstream_call=wan_models.upstream_call,
-                           port_call=wan_models.port_call)
+    # The alignment first-drift found from both traces (execution order, values), as the ViT family does.
+    alignment = _analysis(upstream, model, inputs, tmp_path).alignment
+    # Bisection calls single port modules itself: FastVideo's forward context must surround all of it.
+    with wan_models.forward_context(inputs["timestep"]):
+        result = bisect_models(upstream, model, inputs, tolerance=PRESET, upstream_call=wan_models.upstream_call,
+                               port_call=wan_models.port_call, alignment=alignment)
     assert result.culprit is not None, "bisection found no culprit"
     _check(bug_rows, planted, BISECT, result.culprit, str(result))
 
@@ -108,6 +112,6 @@ def test_fastvideo_jsonl_trace_names_culprit(buggy, upstream, inputs, bug_rows, 
     analysis = analyse(tmp_path / "upstream.h5", tmp_path / "port.jsonl", tolerance=PRESET)
     first = analysis.result.first_drift
     assert first is not None and first.kind == "drift", analysis.text()
-    named = [first.culprit, *first.suspects]
+    named = list(dict.fromkeys([first.culprit, *first.suspects]))
     found = next((name for name in named[:JSONL_SUSPECTS] if planted.named_correctly(name)), first.culprit)
     _check(bug_rows, planted, JSONL, found, analysis.text())
