@@ -51,7 +51,6 @@ from tracediff.errors import TracediffError
 from tracediff.runner import clone_inputs, default_call
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
 
-
 #: How an operator-level finding that could not be traced begins its note.
 SKIPPED = "operator level skipped"
 

@@ -1,7 +1,8 @@
 """Operator level: inside a module that drifts while its aligned children do not.
 
 The module is run alone on both sides, on the inputs it received during
-isolation (the reference's, or the port's own when they were reference-fed), under a
+isolation (the reference's, or the port's own when they were reference-fed) and
+under the ``torch.autocast`` it was called under there, under a
 :class:`torch.overrides.TorchFunctionMode` that records every torch call made by
 the module's own Python code (``x * y``, ``torch.cat``, ``F.scaled_dot_product_attention``,
 ``Tensor.flatten``): its name, output values, the operators that produced its
