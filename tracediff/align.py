@@ -27,6 +27,8 @@ definition order standing in for execution order.
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -307,10 +309,45 @@ def _fingerprints(state: _State) -> None:
         if _pair_enclosing(state, u, p, "fingerprint"):
             continue
         state.add_pair(u, p, "fingerprint", CONFIDENCE[key], how.detail)
+    _uncross(state)
     _fused(state, index)
     _containers(state)
     _ties(state, index)
     _weights_in_root(state, index)
+
+
+def _uncross(state: _State) -> None:
+    """Two sibling pairs whose weights match crosswise (port ``wi_0`` holds upstream ``wi_1``'s and the other
+    way round) are two weights swapped in conversion, not two renamed modules: pair them by name.
+
+    The port's code calls its modules by their names (``act(wi_0(x)) * wi_1(x)``),
+    so the module that holds the wrong weights is the one to blame; paired by
+    weights, both outputs would agree and the difference would surface only
+    later, in code that did nothing wrong.
+    """
+    up, port = state.up, state.port
+    local = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
+    by_place: dict[tuple[str, str, str], int] = {}
+    for u, pair in state.pairs.items():
+        if pair.source == "fingerprint" and pair.upstream and pair.port:
+            by_place[(parent_name(pair.upstream), parent_name(pair.port), local(pair.upstream))] = u
+    for u1, pair in list(state.pairs.items()):
+        if pair.source != "fingerprint" or not pair.upstream or not pair.port:
+            continue
+        u_local, p_local = local(pair.upstream), local(pair.port)
+        if u_local == p_local:
+            continue
+        u2 = by_place.get((parent_name(pair.upstream), parent_name(pair.port), p_local))
+        if u2 is None or u2 == u1 or u2 not in state.pairs or local(state.pairs[u2].port) != u_local:
+            continue
+        p1, p2 = state.up_partner[u1], state.up_partner[u2]
+        if up.param_shapes(u1) != up.param_shapes(u2) or port.param_shapes(p1) != port.param_shapes(p2):
+            continue
+        note = "weights match the other sibling's counterpart: swapped in conversion? paired by name"
+        state.remove_pair(u1)
+        state.remove_pair(u2)
+        state.add_pair(u1, p2, "name", CONFIDENCE["name"], note)
+        state.add_pair(u2, p1, "name", CONFIDENCE["name"], note)
 
 
 def _fused(state: _State, index: FingerprintIndex) -> None:
@@ -344,10 +381,34 @@ def _fused(state: _State, index: FingerprintIndex) -> None:
                 continue
             names = ", ".join(parts_side.names[m] for m in parts)
             note = f"{fused_side.names[fused]} = cat({names}) along dim 0"
+            _check_fused_order(state, fused_side, fused, parts_side, parts)
             if upstream_is_fused:
                 state.add_group([fused], parts, "fingerprint", note)
             else:
                 state.add_group(parts, [fused], "fingerprint", note)
+
+
+def _check_fused_order(state: _State, fused_side: Side, fused: int, parts_side: Side, parts: list[int]) -> None:
+    """A fused tensor stacked in another order than its parts run (``cat(q, v, k)``) is an alignment suspect.
+
+    The values fit either order, so the group stands; but a port computes q, k
+    and v by slicing the fused output in its own fixed order, so a stack in
+    another order than the parts run upstream is how a k/v swap in conversion looks.
+    """
+    ran_in = sorted(parts, key=lambda m: (_positions(parts_side)[m], m))
+    if ran_in == parts:
+        return
+    stacked = ", ".join(parts_side.names[m].rsplit(".", 1)[-1] for m in parts)
+    runs = ", ".join(parts_side.names[m].rsplit(".", 1)[-1] for m in ran_in)
+    port_is_fused = fused_side is state.port
+    up_name = parent_name(parts_side.names[parts[0]]) if port_is_fused else fused_side.names[fused]
+    port_name = fused_side.names[fused] if port_is_fused else parent_name(parts_side.names[parts[0]])
+    reason = (f"{fused_side.names[fused]} holds its parts stacked as cat({stacked}), but they run as ({runs}): "
+              "pieces swapped in conversion?")
+    ups, ports = ([parts_side.names[m] for m in parts], [fused_side.names[fused]]) if port_is_fused else (
+        [fused_side.names[fused]], [parts_side.names[m] for m in parts])
+    line = f"[[groups]] upstream = {json.dumps(ups)} port = {json.dumps(ports)}"
+    state.suspects.append(Suspect(up_name, port_name, math.inf, reason, map_line=line))
 
 
 def _ties(state: _State, index: FingerprintIndex) -> None:

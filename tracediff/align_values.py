@@ -220,12 +220,16 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
         p = pairs.get(u)
         if p is None:  # free from the start, or its pair was dropped here (grouped and ignored modules are not)
             return stage.free_up(u) or u in stage.pairs
+        if not port.ran(p):  # paired with a module that never ran (a tied weight's other owner)
+            return True
         return u in stage.weak and (not agrees(u, p) or p in port.passthrough)
 
     def open_port(p: int) -> bool:
         u = partner_of.get(p)
         if u is None:
             return stage.free_port(p) or p in initial_partner_of
+        if not up.ran(u):
+            return True
         return u in stage.weak and (not agrees(u, p) or u in up.passthrough)
 
     partner_of = {p: u for u, p in pairs.items()}

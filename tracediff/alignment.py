@@ -65,10 +65,12 @@ class Suspect:
     port: str
     distance: float
     reason: str
+    #: what to put in a mapping file to settle it, when a plain pair is not the answer
+    map_line: str = ""
 
     def hint(self) -> str:
         """The mapping-file line that pairs them anyway, if they are the same module after all."""
-        return f'[pairs] "{self.upstream}" = "{self.port}"'
+        return self.map_line or f'[pairs] "{self.upstream}" = "{self.port}"'
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON types (an infinite distance becomes ``None``)."""

@@ -342,6 +342,7 @@ class _Match:
     only_u_pos: np.ndarray
     one_sided_modules: int
     p_module_input: np.ndarray  # per port record: an input of a module other than the root
+    p_grouped: np.ndarray  # per port module (+1 for "unknown"): a member of an aligned group
 
     @classmethod
     def build(cls, upstream: Trace, port: Trace, alignment: Alignment, step: int | None) -> _Match:
@@ -437,6 +438,7 @@ class _Match:
             only_u_pos=u_pos[only_u_mask],
             one_sided_modules=int(one_sided),
             p_module_input=p_module_input,
+            p_grouped=_grouped(port, alignment),
         )
 
 
@@ -460,6 +462,12 @@ def _pair_tables(
         u_of[ui] = p_of[pi] = len(pairs)
         pairs.append((pair.port, pair.upstream))
     return pairs, u_of, p_of
+
+
+def _grouped(port: Trace, alignment: Alignment) -> np.ndarray:
+    """Per port module (last slot: unknown): whether it belongs to a many-to-one group (aligned, not compared)."""
+    members = {name for group in alignment.groups for name in group.port}
+    return np.asarray([name in members for name in port.modules.names] + [False], dtype=bool)
 
 
 def caller_of(name: str, trace: Trace) -> str:
@@ -1123,7 +1131,7 @@ def _unaligned_between(table: _Table, good: LayerRow | None, row: LayerRow) -> l
     start = int(cols["seq"][good.port_record])
     step = table.match.p_step
     inside = np.flatnonzero((cols["seq"] > start) & (cols["seq"] < end) & (step == row.step)
-                            & (table.match.p_pair < 0))
+                            & (table.match.p_pair < 0) & ~table.match.p_grouped[cols["module"]])
     inside = inside[np.argsort(cols["seq"][inside], kind="stable")]
     names = [port.module_name(int(module)) for module in cols["module"][inside]]
     return [name for name in dict.fromkeys(names) if name and name != "<unknown>"]
