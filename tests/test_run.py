@@ -40,6 +40,10 @@ def test_demo_clean_reports_no_drift(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert report_lines(proc.stdout)[0].startswith("no drift:")
     assert _report(tmp_path / "clean")["first_drift"] is None
+    assert _report(tmp_path / "clean")["alignment_suspects"] == []
+    aligned = run_cli("align", str(tmp_path / "clean" / "upstream.h5"), str(tmp_path / "clean" / "port.h5"), "--json")
+    assert aligned.returncode == 0, aligned.stderr
+    assert json.loads(aligned.stdout)["suspects"] == []
 
 
 def test_demo_bug_in_a_modules_own_code_names_that_module(tmp_path) -> None:

@@ -684,7 +684,8 @@ def _container_candidate(
         return None
     targets = sorted({other.names[m] for m, _, _ in found})
     candidate = common_ancestor(targets, other.index)
-    while candidate != ROOT and other.short_class(other.index[candidate]) in NEVER_CALLED:
+    container = side.short_class(side.index[name]) in NEVER_CALLED  # a ModuleList may pair with a ModuleList
+    while not container and candidate != ROOT and other.short_class(other.index[candidate]) in NEVER_CALLED:
         candidate = parent_name(candidate)  # a ModuleList is never called: the module that calls its items is
         if candidate not in other.index:
             return None

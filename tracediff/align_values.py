@@ -289,6 +289,8 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
         broken = min(broken, port.exec_order[p])
         if u not in stage.weak or u in added or up.names[u] == port.names[p] or d <= GROSS:
             continue  # a module of the same name that nothing better claimed stays paired: its drift is a finding
+        if any(not agrees(d, pairs[d]) for d in _paired_below(up, u, pairs)):
+            continue  # a module inside it already differs: that explains its output
         inputs = values.input_distance(u, p)
         inputs_agree = inputs is not None and inputs <= values.agree_limit(u, p)
         if not (inputs_agree or first):
@@ -298,6 +300,11 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
         outcome.drop.append((u, reason))
         outcome.suspects.append(Suspect(up.names[u], port.names[p], d, reason))
     return outcome
+
+
+def _paired_below(side: Side, module: int, pairs: dict[int, int]) -> list[int]:
+    """Upstream modules below ``module`` that have a pair (with a comparable output)."""
+    return [side.index[name] for name in side.descendants.get(side.names[module], []) if side.index[name] in pairs]
 
 
 def _innermost(found: list[int], side: Side) -> int | None:

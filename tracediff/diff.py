@@ -1138,9 +1138,11 @@ def _unaligned_between(table: _Table, good: LayerRow | None, row: LayerRow) -> l
 
 
 def _ran_before(table: _Table, row: LayerRow) -> list[str]:
-    """Port modules with records before ``row`` in its step, in execution order."""
+    """Port modules that returned before ``row`` was recorded, in its step, in execution order."""
     cols = table.port.records.columns
-    before = np.flatnonzero((cols["seq"] < cols["seq"][row.port_record]) & (table.match.p_step == row.step))
+    finished = ~table.port.module_input_records()  # outputs: the module had run by then
+    before = np.flatnonzero((cols["seq"] < cols["seq"][row.port_record]) & (table.match.p_step == row.step)
+                            & finished)
     before = before[np.argsort(cols["seq"][before], kind="stable")]
     return list(dict.fromkeys(table.port.module_name(int(m)) for m in cols["module"][before]))
 

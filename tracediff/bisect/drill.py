@@ -216,6 +216,7 @@ class _Session:
         self.upstream, self.port = upstream, port
         self.up_modules = dict(upstream.named_modules())
         self.port_modules = dict(port.named_modules())
+        self.suspects = list(alignment.suspects)
         self.aligned = {
             pair.port: pair.upstream for pair in alignment.pairs
             if pair.port != ROOT and pair.upstream != ROOT
@@ -396,6 +397,14 @@ class _Session:
             found_in = parent
             culprit = join_name(parent, finding.port_op.module)
             culprit_up = join_name(parent_up, finding.upstream_op.module if finding.upstream_op else "")
+        flagged = [s for s in self.suspects if found_in is not None and s.port in self.port_modules
+                   and s.port != parent and is_within(s.port, parent)]
+        if flagged:
+            # The aligner could not vouch for a module inside the culprit (its values or its stacked weights
+            # contradict its counterpart): that module, not the one the operator trace stopped in, comes first.
+            notes.append(f"{flagged[0].port} is an alignment suspect ({flagged[0].reason}); named before "
+                         f"{culprit}, where the first differing operator ran")
+            culprit, culprit_up = flagged[0].port, flagged[0].upstream
         result = self._result(path, culprit, culprit_up, parent_error, output, output_drifts, step, checked, notes,
                               finding)
         result.found_in = found_in

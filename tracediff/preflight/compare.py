@@ -461,3 +461,157 @@ def _moments_delta(ma: np.ndarray, mb: np.ndarray) -> str:
             continue
         parts.append(f"{name} {x:.4g} vs {y:.4g}")
     return ", ".join(parts[:3]) or "moments differ"
+
+
+# -- padded tables -----------------------------------------------------------------------
+
+
+def padded_rows(up_shape: tuple[int, ...], port_shape: tuple[int, ...]) -> tuple[str, int, int] | None:
+    """``(side, real rows, padded rows)`` when one shape is the other with more rows along dim 0.
+
+    ``side`` is ``port`` or ``upstream``, whichever has the extra rows (a vocabulary
+    padded to a multiple, as FastVideo's and vLLM's ``VocabParallelEmbedding`` do).
+    """
+    if len(up_shape) != len(port_shape) or not up_shape or up_shape[1:] != port_shape[1:] \
+            or up_shape[0] == port_shape[0] or min(up_shape[0], port_shape[0]) == 0:
+        return None
+    if port_shape[0] > up_shape[0]:
+        return "port", up_shape[0], port_shape[0]
+    return "upstream", port_shape[0], up_shape[0]
+
+
+def compare_padded_tensors(up: Any, port: Any, *, rtol: float | None = None) -> Verdict:
+    """Judge a table padded along dim 0 (either side) against the other, exactly.
+
+    The first rows are compared as :func:`compare_tensors` compares any pair; the
+    extra rows must be zero. Equal first rows and zero padding are ``padded``
+    (not a finding); otherwise the first rows' own verdict, or ``shape_mismatch``
+    when only the padding holds values.
+    """
+    import torch
+
+    from tracediff.hooks.stats import value_view
+
+    found = padded_rows(tuple(up.shape), tuple(port.shape))
+    assert found is not None
+    side, n, m = found
+    lead = compare_tensors(up[:n], port[:n], rtol=rtol)
+    extra = (port if side == "port" else up)[n:]
+    with torch.no_grad():
+        values = value_view(extra)[0]
+        nonzero = values != 0  # NaN included
+        count = int(nonzero.sum())
+        problem = None
+        if count:
+            finite = values[nonzero & torch.isfinite(values)]
+            largest = f", max |x| {float(finite.abs().max()):.2g}" if finite.numel() else ""
+            problem = f"{count} of {values.numel()} values nonzero{largest}"
+    return _padded(lead, side, n, m, problem)
+
+
+def compare_padded_fingerprints(up: Fingerprint, port: Fingerprint, *, rtol: float | None = None) -> Verdict:
+    """Judge a table padded along dim 0 from fingerprints.
+
+    Zero rows add nothing to the sum, sum of |x| and sum of squares, so the
+    padded tensor's moments must equal the other's (min and max widened to 0).
+    The real rows keep their row-major positions, so wherever both sides sampled
+    the same element (from the flat sample or the transposed one: row 0 always
+    when the row length is a multiple of 32) the values must agree, and every
+    sampled element of the extra rows must be zero.
+    """
+    found = padded_rows(up.shape, port.shape)
+    assert found is not None
+    side, n, m = found
+    tol = pair_rtol(up.dtype, port.dtype, rtol)
+    small, big = (up, port) if side == "port" else (port, up)
+    real, pad = _padded_samples(small, big)
+    a, b = np.asarray([v for _, v in real[0]]), np.asarray([v for _, v in real[1]])
+    up_values, port_values = (a, b) if side == "port" else (b, a)
+    bad_pad = [v for v in pad if v != 0 or math.isnan(v)]
+    problem = None
+    if bad_pad:
+        finite = [abs(v) for v in bad_pad if math.isfinite(v)]
+        problem = f"{len(bad_pad)} of {len(pad)} sampled values nonzero" + (
+            f", max |x| {max(finite):.2g}" if finite else "")
+    moments_ok = _moments_close(_zero_padded_moments(small.moments), big.moments, tol)
+    agree = len(a) > 0 and _samples_close(up_values, port_values, tol)
+    checked = f"{len(a)} sampled value{'s' if len(a) != 1 else ''} of the first {n} rows checked"
+    max_abs, rel = _sample_errors(up_values, port_values) if len(a) else (None, None)
+    if problem is not None:
+        lead = Verdict("identical" if agree else "different", None if agree else max_abs, None if agree else rel,
+                       detail=checked)
+    elif moments_ok and agree:
+        same = up.dtype == port.dtype and _same_values(a, b)
+        lead = Verdict("identical") if same else Verdict("close", max_abs, rel, detail=(
+            "" if up.dtype == port.dtype else f"{up.dtype} -> {port.dtype}"))
+    elif moments_ok and not len(a):
+        lead = Verdict("unverified", detail="the moments add up to zero padding, but no element was sampled on "
+                       "both sides to confirm the rows' places")
+    elif moments_ok:
+        lead = Verdict("permuted", detail=f"equal moments, different sampled values ({checked})")
+    else:
+        up_m, port_m = (small.moments, big.moments) if side == "port" else (big.moments, small.moments)
+        scale = _sample_scale(up_values, port_values, up_m, port_m) if len(a) else None
+        if scale is not None:
+            lead = Verdict("scaled", max_abs, rel, scale=scale, detail=checked)
+        elif agree:
+            lead = Verdict("different", detail=f"the sampled values agree but the moments differ: "
+                           f"{_moments_delta(_zero_padded_moments(small.moments), big.moments)}")
+        else:
+            lead = Verdict("different", max_abs, rel, detail=checked)
+    return _padded(lead, side, n, m, problem)
+
+
+def holds_padded_values(up: Fingerprint, port: Fingerprint, *, rtol: float | None = None) -> bool:
+    """Whether one side is the other padded with zero rows (pairing by value; constant tensors never qualify)."""
+    found = padded_rows(up.shape, port.shape)
+    if found is None:
+        return False
+    small = up if found[0] == "port" else port
+    if not small.moments[_MIN] < small.moments[_MAX]:
+        return False
+    return compare_padded_fingerprints(up, port, rtol=rtol).status == "padded"
+
+
+def _padded(lead: Verdict, side: str, n: int, m: int, problem: str | None) -> Verdict:
+    """The verdict on a padded table from the verdict on its first ``n`` rows and what the padding holds."""
+    where = f"{side} padded from {n} to {m} rows"
+    if problem is None and lead.status in ("identical", "close"):
+        return Verdict("padded", lead.max_abs, lead.rel, detail=lead.detail)
+    if problem is not None and lead.status in ("identical", "close"):
+        return Verdict("shape_mismatch", detail=f"{where}: the first {n} rows agree, but the {m - n} padding rows "
+                       f"are not zero ({problem})")
+    padding = "padding rows zero" if problem is None else f"padding rows not zero either ({problem})"
+    return Verdict(lead.status, lead.max_abs, lead.rel, lead.scale,
+                   detail="; ".join(p for p in (lead.detail, f"{where}, {padding}") if p))
+
+
+def _padded_samples(small: Fingerprint, big: Fingerprint) -> tuple[tuple[list, list], list[float]]:
+    """Sampled elements both tables hold (``(small's, big's)``, same order) and big's sampled padding values."""
+    cols = math.prod(small.shape[1:])
+    limit = small.shape[0] * cols
+    have_small, have_big = _sampled_elements(small), _sampled_elements(big)
+    common = sorted(k for k in have_small if k in have_big)
+    pad = [v for k, v in sorted(have_big.items()) if k >= limit]
+    return ([(k, have_small[k]) for k in common], [(k, have_big[k]) for k in common]), pad
+
+
+def _sampled_elements(fp: Fingerprint) -> dict[int, float]:
+    """Row-major element index -> value, from the flat sample and (2-D) the transposed one."""
+    out = {int(q): float(v) for q, v in zip(sample_positions(fp.numel), fp.sample, strict=False)}
+    if len(fp.shape) == 2:
+        rows, cols = fp.shape
+        for q, v in zip(sample_positions(fp.numel), fp.sample_t, strict=False):
+            r, c = int(q) % rows, int(q) // rows
+            out.setdefault(r * cols + c, float(v))
+    return out
+
+
+def _zero_padded_moments(moments: np.ndarray) -> np.ndarray:
+    """Moments of a tensor with zeros appended: sums unchanged, min and max widened to 0."""
+    out = moments.copy()
+    if not math.isnan(out[_MIN]):
+        out[_MIN] = min(out[_MIN], 0.0)
+    if not math.isnan(out[_MAX]):
+        out[_MAX] = max(out[_MAX], 0.0)
+    return out

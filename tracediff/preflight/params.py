@@ -8,11 +8,17 @@ Evidence is used strongest first; each stage only sees what earlier ones left:
    then equal values (a ``modulation`` that the port calls ``scale_shift_table``);
 3. module groups of the alignment: fused projections (``to_qkv`` = ``cat(q, k, v)``)
    piece by slice, anything else by equal values;
-4. equal values anywhere (a module the aligner could not pair);
+4. equal values anywhere (a module the aligner could not pair), then a table
+   padded with zero rows anywhere;
 5. what is left, inside modules known to correspond: by local name, then by shape
    (so a scaled or re-initialised weight is still compared, not called missing).
 
-Everything left after that exists on one side only.
+Everything left after that exists on one side only, unless it is tied: the same
+tensor (live models) or identical non-constant values (fingerprints) as a
+parameter of its own side that was paired, e.g. an embedding table that
+upstream holds under ``shared`` and ``encoder.embed_tokens``. A pair whose shapes
+differ only in the number of rows is compared as a padded table: the first rows
+against the other side, the extra rows against zero.
 """
 
 from __future__ import annotations
@@ -33,8 +39,12 @@ from tracediff.preflight.compare import (
     Verdict,
     compare_fingerprints,
     compare_fused,
+    compare_padded_fingerprints,
+    compare_padded_tensors,
     compare_tensors,
+    holds_padded_values,
     holds_same_values,
+    padded_rows,
     pair_rtol,
 )
 from tracediff.preflight.result import ParamCheck
@@ -44,11 +54,13 @@ from tracediff.trace import ModuleTable
 SAME_VALUES = frozenset({"identical", "close", "transposed", "reshaped"})
 #: Relative window of sum of squares searched for a tensor holding the same values (fp8 casts included).
 _VALUE_WINDOW = 0.6
-_SQ = 2
+_SQ, _MIN, _MAX = 2, 3, 4
 #: Largest number of parts tried for a fused tensor the aligner left unpaired,
 #: among at most this many unpaired siblings.
 MAX_FUSED_PARTS = 4
 MAX_FUSED_CANDIDATES = 8
+#: Tied and padded tensors named one by one in the notes; the rest are counted.
+MAX_LAYOUT_NOTES = 4
 
 
 @dataclass
@@ -115,6 +127,9 @@ class _Link:
     fused_side: str = ""
     verdict: Verdict | None = None
     note: str = ""
+    #: a one-sided tensor tied to this row of its own side (paired elsewhere), and how that is known
+    tied: int | None = None
+    tie: str = ""
 
 
 class _Pairing:
@@ -186,13 +201,15 @@ def pair_params(
     left_up = [r for r in range(len(up.full)) if r not in state.used_up]
     left_port = [r for r in range(len(port.full)) if r not in state.used_port]
     _by_value(state, left_up, left_port)
+    _by_padded_value(state, [r for r in left_up if r not in state.used_up],
+                     [r for r in left_port if r not in state.used_port])
     _learn_partners(state)
     _fused_leftovers(state, fused_on="port")
     _fused_leftovers(state, fused_on="upstream")
     _by_partner(state)
     _one_sided(state)
     checks = [_judge(state, link, rtol) for link in _ordered(state)]
-    return checks, state.notes
+    return checks, state.notes + _layout_notes(checks)
 
 
 # -- stage 1: the parameter map ------------------------------------------------------------
@@ -298,6 +315,20 @@ def _by_value(state: _Pairing, up_rows: list[int], port_rows: list[int]) -> None
             np.abs(first - head) <= _VALUE_WINDOW * abs(head) + 1e-30)
         for other in rows[near].tolist():
             if other not in state.used_port and state.same_values(row, other):
+                state.link(row, other)
+                break
+
+
+def _by_padded_value(state: _Pairing, up_rows: list[int], port_rows: list[int]) -> None:
+    """Pair a table with its counterpart padded with zero rows (either side), by fingerprint."""
+    for row in up_rows:
+        if row in state.used_up:
+            continue
+        shape = state.up.shape(row)
+        for other in port_rows:
+            if other in state.used_port or padded_rows(shape, state.port.shape(other)) is None:
+                continue
+            if holds_padded_values(state.up.fingerprint(row), state.port.fingerprint(other)):
                 state.link(row, other)
                 break
 
@@ -480,8 +511,14 @@ def _by_partner(state: _Pairing) -> None:
 
 def _one_sided(state: _Pairing) -> None:
     up, port = state.up, state.port
+    paired_up = sorted({link.up for link in state.links if link.up is not None and link.port is not None})
+    paired_port = sorted({link.port for link in state.links if link.up is not None and link.port is not None})
     for row in range(len(up.full)):
         if row in state.used_up:
+            continue
+        twin = _tied_to(up, row, paired_up)
+        if twin is not None:
+            state.link(row, None, tied=twin[0], tie=twin[1])
             continue
         module = up.table.params[row].module_index
         partner = state.partner_up.get(module)
@@ -493,6 +530,10 @@ def _one_sided(state: _Pairing) -> None:
     for row in range(len(port.full)):
         if row in state.used_port:
             continue
+        twin = _tied_to(port, row, paired_port)
+        if twin is not None:
+            state.link(None, row, tied=twin[0], tie=twin[1])
+            continue
         module = port.table.params[row].module_index
         partner = state.partner_port.get(module)
         if partner is not None:
@@ -500,6 +541,62 @@ def _one_sided(state: _Pairing) -> None:
         else:
             note = "no upstream module holds its values"
         state.link(None, row, note=note)
+
+
+def _tied_to(side: ParamSide, row: int, paired: list[int]) -> tuple[int, str] | None:
+    """A paired row of the same side that ``row`` is tied to, and how that is known.
+
+    Live models: the same tensor (one storage, same shape and strides), else
+    identical values. Fingerprints: identical shape, dtype, moments and samples.
+    A constant tensor (all zeros, all ones) is never called tied by its values:
+    a zero bias that the port lacks is missing, not tied to another zero bias.
+    """
+    entry = side.table.params[row]
+    candidates = [r for r in paired if r != row and side.shape(r) == tuple(entry.shape)
+                  and side.table.params[r].dtype == entry.dtype]
+    if not candidates:
+        return None
+    if side.tensors is not None:
+        import torch
+
+        mine = side.tensors[row]
+        for other in candidates:
+            if _same_tensor(mine, side.tensors[other]):
+                return other, "one tensor"
+        flat = mine.reshape(-1)
+        if flat.numel() < 2 or bool((flat == flat[0]).all()):
+            return None
+        for other in candidates:
+            if torch.equal(mine, side.tensors[other]):
+                return other, "identical values"
+        return None
+    mine_fp = side.fingerprint(row)
+    if not mine_fp.moments[_MIN] < mine_fp.moments[_MAX]:
+        return None
+    for other in candidates:
+        theirs = side.fingerprint(other)
+        if all(np.array_equal(x, y, equal_nan=True) for x, y in (
+                (mine_fp.moments, theirs.moments), (mine_fp.sample, theirs.sample),
+                (mine_fp.sample_t, theirs.sample_t))):
+            return other, "identical values"
+    return None
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    """One tensor under two names (a tied parameter): same storage, offset, shape, strides and dtype."""
+    if a.is_meta or b.is_meta or a.data_ptr() == 0:
+        return False
+    return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _layout_notes(checks: list[ParamCheck]) -> list[str]:
+    """One quiet note per tied or zero-padded tensor (not findings: the port holds upstream's values)."""
+    quiet = [check for check in checks if check.status in ("padded", "tied")]
+    notes = [check.line() for check in quiet[:MAX_LAYOUT_NOTES]]
+    if len(quiet) > MAX_LAYOUT_NOTES:
+        notes.append(f"… and {len(quiet) - MAX_LAYOUT_NOTES} more tied or padded tensors (see the JSON report)")
+    return notes
 
 
 def _ordered(state: _Pairing) -> list[_Link]:
@@ -531,6 +628,13 @@ def _judge(state: _Pairing, link: _Link, rtol: float | None) -> ParamCheck:
         "port_rows": link.port_rows,
         "upstream_rows": link.up_rows,
     }
+    if link.tied is not None:
+        own, other = (up, port) if u is not None else (port, up)
+        twin = next(t for t in state.links if (t.up if own is up else t.port) == link.tied
+                    and t.up is not None and t.port is not None)
+        partner = other.full[twin.port if own is up else twin.up]  # type: ignore[index]
+        return ParamCheck(status="tied", detail=f"{own.full[link.tied]} ({link.tie}), which is compared with "
+                          f"{other.label} {partner}", **base)
     if u is None or p is None:
         if u is not None:
             partner = state.partner_up.get(up.table.params[u].module_index)
@@ -540,7 +644,17 @@ def _judge(state: _Pairing, link: _Link, rtol: float | None) -> ParamCheck:
         base["upstream_module"] = up.table.names[partner] if partner is not None else None
         return ParamCheck(status="missing_in_upstream", detail=link.note, **base)
     exact = up.tensors is not None and port.tensors is not None
-    verdict = link.verdict or _verdict(state, link, rtol, exact=exact)
+    padded = padded_rows(up.shape(u), port.shape(p)) if link.verdict is None and link.pieces is None else None
+    if padded is not None:
+        verdict = _padded_verdict(state, link, rtol, exact=exact)
+        if verdict.status not in ("padded", "shape_mismatch"):
+            # The first rows were compared and differ: name that slice of the padded side.
+            side, n, _ = padded
+            key = "port" if side == "port" else "upstream"
+            base[f"{key}_rows"] = (0, n)
+            base[f"{key}_shape"] = _slice_shape(base[f"{key}_shape"], (0, n))
+    else:
+        verdict = link.verdict or _verdict(state, link, rtol, exact=exact)
     if link.pieces is not None and base["port_rows"] is not None:
         # The slice, not the whole fused tensor, is what was compared.
         base["port_shape"] = _slice_shape(base["port_shape"], link.port_rows)
@@ -584,6 +698,15 @@ def _verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: bool) -
     return compare_fingerprints(up.fingerprint(u), port.fingerprint(p),
                                 rtol=rtol if rtol is not None else pair_rtol(up.table.params[u].dtype,
                                                                               port.table.params[p].dtype))
+
+
+def _padded_verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: bool) -> Verdict:
+    """A pair whose shapes differ only along dim 0: the first rows compared, the extra rows against zero."""
+    u, p = link.up, link.port
+    assert u is not None and p is not None
+    if exact:
+        return compare_padded_tensors(state.up.tensors[u], state.port.tensors[p], rtol=rtol)  # type: ignore[index]
+    return compare_padded_fingerprints(state.up.fingerprint(u), state.port.fingerprint(p), rtol=rtol)
 
 
 def _swapped_with(state: _Pairing, link: _Link, a: Any, b: Any) -> str | None:

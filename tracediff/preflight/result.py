@@ -14,6 +14,8 @@ from typing import Any, Literal
 ParamStatus = Literal[
     "identical",
     "close",
+    "padded",
+    "tied",
     "transposed",
     "reshaped",
     "scaled",
@@ -28,6 +30,8 @@ ParamStatus = Literal[
 PARAM_STATUSES: tuple[str, ...] = (
     "identical",
     "close",
+    "padded",
+    "tied",
     "transposed",
     "reshaped",
     "scaled",
@@ -38,8 +42,11 @@ PARAM_STATUSES: tuple[str, ...] = (
     "missing_in_upstream",
     "unverified",
 )
-#: Verdicts that are not findings: the port holds upstream's values.
-CLEAN_PARAM: frozenset[str] = frozenset({"identical", "close"})
+#: Verdicts that are not findings: the port holds upstream's values. ``padded``: one
+#: side's table is the other's followed by zero rows (a vocabulary padded to a
+#: multiple); ``tied``: a tensor on one side only that is the same tensor as (or holds
+#: the identical values of) a paired tensor of its own side. Both are listed as notes.
+CLEAN_PARAM: frozenset[str] = frozenset({"identical", "close", "padded", "tied"})
 #: Verdicts worth listing that do not make the check fail: a deliberate layout
 #: change (a Conv3d kernel kept as a Linear weight) or a fused piece whose order
 #: the fingerprints cannot confirm.
@@ -48,6 +55,8 @@ NOTE_PARAM: frozenset[str] = frozenset({"reshaped", "unverified"})
 STATUS_WORDS: dict[str, str] = {
     "identical": "identical",
     "close": "equal within tolerance",
+    "padded": "padded with zero rows",
+    "tied": "tied",
     "transposed": "transposed",
     "reshaped": "reshaped",
     "scaled": "scaled",
@@ -142,6 +151,17 @@ class ParamCheck:
             return f"identical to {up}" + (f" ({self.detail})" if self.detail else "")
         if status == "close":
             return f"equal to {up} within tolerance ({numbers}{extra})"
+        if status == "padded":
+            shapes = f"{shape_text(self.upstream_shape)} -> {shape_text(self.port_shape)}"
+            close = f", equal within tolerance ({numbers})" if self.max_abs is not None else ""
+            n_up = self.upstream_shape[0] if self.upstream_shape else 0
+            n_port = self.port_shape[0] if self.port_shape else 0
+            if n_port >= n_up:
+                return f"padded from {n_up} to {n_port} rows with zeros: holds {up}'s values{close} ({shapes}){extra}"
+            return (f"holds {up}'s first {n_port} rows{close}; upstream padded from {n_port} to {n_up} rows "
+                    f"with zeros ({shapes}){extra}")
+        if status == "tied":
+            return f"tied to {self.detail}" if self.detail else "tied to another tensor of its side"
         if status == "transposed":
             return (f"transposed: holds {up} transposed "
                     f"({shape_text(self.upstream_shape)} -> {shape_text(self.port_shape)}){extra}")

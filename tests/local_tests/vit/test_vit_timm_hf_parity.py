@@ -54,6 +54,12 @@ def test_clean_pair_has_no_drift_in_any_layer(analysis) -> None:
     assert analysis.result.compared >= 43  # 4 blocks x 10 records, embeddings, head, model in/out
 
 
+def test_clean_pair_leaves_no_alignment_suspect(analysis) -> None:
+    """The first test of every family: automatic alignment, clean pair, nothing the values contradict."""
+    assert analysis.alignment.suspects == [], analysis.alignment.suspects
+    assert analysis.result.alignment_suspects == []
+
+
 def test_every_module_with_weights_is_aligned(analysis) -> None:
     with load_trace(analysis.upstream) as up, load_trace(analysis.port) as port:
         figures = coverage(analysis.alignment, up, port)

@@ -53,6 +53,12 @@ def _compared(analysis) -> dict[str, list[str]]:
 def test_clean_pair_has_no_drift_in_any_layer(analysis) -> None:
     assert analysis, analysis.text()
     assert analysis.result.compared >= 43
+
+
+def test_clean_pair_leaves_no_alignment_suspect(analysis) -> None:
+    """The first test of every family: automatic alignment, clean pair, nothing the values contradict."""
+    assert analysis.alignment.suspects == [], analysis.alignment.suspects
+    assert analysis.result.alignment_suspects == []
     worst = max(row.ratio for row in analysis.result.rows)
     assert worst < 0.5, f"the clean pair uses {worst:.0%} of the fp32 tolerance"
 
