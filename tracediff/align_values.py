@@ -140,17 +140,20 @@ def _comparable_stats(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[str, ...]
 
 
 def broadcast_equivalent(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """One shape is the other repeated along some dimensions (numpy broadcasting, size-1 dims ignored).
+    """One shape is the other with dimensions added along which its values repeat.
 
-    ``(32, 64)`` and ``(1, 64)``, ``(1, 32, 64)`` and ``(64,)``: the larger may hold
-    the smaller's values repeated, which changes sums and norms but not means or extrema.
+    ``(2, 32, 64)`` (per token) and ``(2, 64)`` (per sample, broadcast later), ``(32, 64)``
+    and ``(1, 64)``: the smaller shape's dimensions (size-1 ones ignored) appear, in order,
+    in the larger. Repetition changes sums and norms but not means or extrema.
     """
-    x = [d for d in a]
-    y = [d for d in b]
-    width = max(len(x), len(y))
-    x = [1] * (width - len(x)) + x
-    y = [1] * (width - len(y)) + y
-    return all(i == j or i == 1 or j == 1 for i, j in zip(x, y, strict=True)) and x != y
+    small, large = sorted(([d for d in a if d != 1], [d for d in b if d != 1]), key=len)
+    if len(small) == len(large):
+        return False
+    k = 0
+    for dim in large:
+        if k < len(small) and small[k] == dim:
+            k += 1
+    return k == len(small)
 
 
 def _sample_distance(a: np.ndarray | None, b: np.ndarray | None) -> float | None:

@@ -621,6 +621,11 @@ class _Table:
         pair = match.p_pair[mp]
         atol, rtol, stat_lim, am_lim = _tolerance_arrays(match.pairs, tol, pair)
         shape_mm = _shape_mismatch(upstream, port, mu, mp)
+        # Outputs that hold one tensor in another layout (same elements) or broadcast (``[32, 64]`` of
+        # identical rows against ``[1, 64]``) are compared on the statistics that layout does not change.
+        layout, repeated = _layout_equivalent(upstream, port, mu, mp, shape_mm & ~match.p_module_input[mp])
+        same_shape = ~shape_mm
+        shape_mm = shape_mm & ~layout & ~repeated
         # A module input in another layout (or packed differently) says nothing about the code that
         # made it: such records are left unchecked instead of failing or blaming the caller.
         input_layout = shape_mm & match.p_module_input[mp]
@@ -629,7 +634,10 @@ class _Table:
         rank_mm = _rank_mismatch(port, mp) | _rank_mismatch(upstream, mu)
 
         stat_drift = _stat_drifts(upstream, port, mu, mp, atol)
-        el = _ElementMetrics.compute(upstream, port, mu, mp, atol, rtol, ~shape_mm)
+        for name in _CHANGED_BY_REPEATING:
+            if name in stat_drift:
+                stat_drift[name] = np.where(repeated, np.nan, stat_drift[name])
+        el = _ElementMetrics.compute(upstream, port, mu, mp, atol, rtol, same_shape)
 
         has_el = el.kind > 0
         verdict = _Verdict(n)
@@ -780,6 +788,50 @@ def _ratio(value: np.ndarray, limit: np.ndarray) -> np.ndarray:
         out = np.where(value > 0, np.inf, np.where(np.isnan(value), np.nan, 0.0))
     np.divide(value, limit, out=out, where=limit > 0)
     return np.where(np.isnan(limit), np.nan, out)
+
+
+#: Statistics that repeating a tensor along a dimension changes (means and extrema it does not).
+_CHANGED_BY_REPEATING = ("l2", "sum", "std")
+
+
+def _layout_equivalent(
+    upstream: Trace, port: Trace, mu: np.ndarray, mp: np.ndarray, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Among records of different shape: ``(same element count, one broadcast from the other)``."""
+    from tracediff.align_values import broadcast_equivalent
+
+    layout = np.zeros(len(mu), dtype=bool)
+    repeated = np.zeros(len(mu), dtype=bool)
+    for i in np.flatnonzero(candidates).tolist():
+        a, b = upstream.records.shape_of(int(mu[i])), port.records.shape_of(int(mp[i]))
+        if _same_layout(a, b):
+            layout[i] = True
+        elif broadcast_equivalent(a, b):
+            repeated[i] = True
+    return layout, repeated
+
+
+def _same_layout(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """One shape is the other with dimensions merged or split in place (``(1, 6, 64)`` and ``(1, 384)``).
+
+    That is a ``view``/``flatten``/``unflatten`` of the same memory order; a transpose
+    (``(64, 32)`` against ``(32, 64)``) is not, and stays a shape mismatch.
+    """
+    x, y = [d for d in a if d != 1], [d for d in b if d != 1]
+    return _merges_into(x, y) or _merges_into(y, x)
+
+
+def _merges_into(coarse: list[int], fine: list[int]) -> bool:
+    """``fine``'s dimensions, merged in consecutive runs, give ``coarse``'s."""
+    j = 0
+    for dim in coarse:
+        size = 1
+        while size < dim and j < len(fine):
+            size *= fine[j]
+            j += 1
+        if size != dim:
+            return False
+    return j == len(fine)
 
 
 def _shape_mismatch(upstream: Trace, port: Trace, mu: np.ndarray, mp: np.ndarray) -> np.ndarray:

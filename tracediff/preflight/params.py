@@ -206,6 +206,7 @@ def pair_params(
     _learn_partners(state)
     _fused_leftovers(state, fused_on="port")
     _fused_leftovers(state, fused_on="upstream")
+    _padded_leftovers(state)
     _by_partner(state)
     _one_sided(state)
     checks = [_judge(state, link, rtol) for link in _ordered(state)]
@@ -479,6 +480,44 @@ def _best_order(state: _Pairing, fused_side: ParamSide, rows: list[int], parts_s
     return best
 
 
+def _padded_leftovers(state: _Pairing) -> None:
+    """A table and its padded counterpart that nothing paired because their values differ.
+
+    Candidates are unpaired tensors of the same local name whose shapes differ
+    only in the number of rows, in children of corresponding parents (the
+    upstream ``embed`` and the port's ``tokens``, both under the root). A pair
+    is taken when it is the only one either way, counting tied copies (one
+    tensor under two names) once; it is then judged as a padded table, so a
+    shifted row is named on the table rather than as two one-sided tensors.
+    """
+    up, port = state.up, state.port
+
+    def candidates(side: ParamSide, used: set[int], parent: str, local: str, shape: tuple[int, ...]) -> list[int]:
+        found: list[int] = []
+        for row, entry in enumerate(side.table.params):
+            name = side.table.names[entry.module_index]
+            if row in used or not name or _parent(name) != parent or entry.name != local:
+                continue
+            if padded_rows(shape, side.shape(row)) is not None and not any(_tie(side, row, kept) for kept in found):
+                found.append(row)
+        return found
+
+    for row, entry in enumerate(port.table.params):
+        name = port.table.names[entry.module_index]
+        if row in state.used_port or not name:
+            continue
+        parent = port.module_index.get(_parent(name))
+        partner = state.partner_port.get(parent) if parent is not None else None
+        if partner is None:
+            continue
+        ups = candidates(up, state.used_up, up.table.names[partner], entry.name, port.shape(row))
+        if len(ups) != 1:
+            continue
+        back = candidates(port, state.used_port, _parent(name), entry.name, up.shape(ups[0]))
+        if back == [row]:
+            state.link(ups[0], row)
+
+
 def _learn_partners(state: _Pairing) -> None:
     """Modules whose parameters were all paired with one module of the other side correspond."""
     seen: dict[int, set[int]] = defaultdict(set)
@@ -544,42 +583,43 @@ def _one_sided(state: _Pairing) -> None:
 
 
 def _tied_to(side: ParamSide, row: int, paired: list[int]) -> tuple[int, str] | None:
-    """A paired row of the same side that ``row`` is tied to, and how that is known.
+    """A paired row of the same side that ``row`` is tied to, and how that is known (see :func:`_tie`)."""
+    entry = side.table.params[row]
+    for other in paired:
+        if other != row and side.shape(other) == tuple(entry.shape) and side.table.params[other].dtype == entry.dtype:
+            how = _tie(side, row, other)
+            if how is not None:
+                return other, how
+    return None
+
+
+def _tie(side: ParamSide, row: int, other: int) -> str | None:
+    """Whether two rows of one side are one tensor under two names: ``one tensor``, ``identical values`` or None.
 
     Live models: the same tensor (one storage, same shape and strides), else
     identical values. Fingerprints: identical shape, dtype, moments and samples.
     A constant tensor (all zeros, all ones) is never called tied by its values:
     a zero bias that the port lacks is missing, not tied to another zero bias.
     """
-    entry = side.table.params[row]
-    candidates = [r for r in paired if r != row and side.shape(r) == tuple(entry.shape)
-                  and side.table.params[r].dtype == entry.dtype]
-    if not candidates:
+    if side.shape(row) != side.shape(other) or side.table.params[row].dtype != side.table.params[other].dtype:
         return None
     if side.tensors is not None:
         import torch
 
-        mine = side.tensors[row]
-        for other in candidates:
-            if _same_tensor(mine, side.tensors[other]):
-                return other, "one tensor"
+        mine, theirs = side.tensors[row], side.tensors[other]
+        if _same_tensor(mine, theirs):
+            return "one tensor"
         flat = mine.reshape(-1)
         if flat.numel() < 2 or bool((flat == flat[0]).all()):
             return None
-        for other in candidates:
-            if torch.equal(mine, side.tensors[other]):
-                return other, "identical values"
-        return None
-    mine_fp = side.fingerprint(row)
+        return "identical values" if torch.equal(mine, theirs) else None
+    mine_fp, theirs_fp = side.fingerprint(row), side.fingerprint(other)
     if not mine_fp.moments[_MIN] < mine_fp.moments[_MAX]:
         return None
-    for other in candidates:
-        theirs = side.fingerprint(other)
-        if all(np.array_equal(x, y, equal_nan=True) for x, y in (
-                (mine_fp.moments, theirs.moments), (mine_fp.sample, theirs.sample),
-                (mine_fp.sample_t, theirs.sample_t))):
-            return other, "identical values"
-    return None
+    same = all(np.array_equal(x, y, equal_nan=True) for x, y in (
+        (mine_fp.moments, theirs_fp.moments), (mine_fp.sample, theirs_fp.sample),
+        (mine_fp.sample_t, theirs_fp.sample_t)))
+    return "identical values" if same else None
 
 
 def _same_tensor(a: Any, b: Any) -> bool:
