@@ -31,6 +31,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,8 @@ CONFIDENCE = {
     "values": 0.8,
     "name": 0.5,
 }
+#: Added to the note of a pair made by order or through its children when its outputs hold the same values.
+VALUES_AGREE = "values agree"
 #: Containers that only hold modules and have no forward: never a module's counterpart.
 NEVER_CALLED = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
 #: Notes of pairs whose evidence is order, shape or children only: value evidence may overrule them.
@@ -615,6 +618,10 @@ def _values(state: _State) -> bool:
     for u, p, note in outcome.add:
         if state.free_up(u) and state.free_port(p):
             state.add_pair(u, p, "values", CONFIDENCE["values"], note)
+    for u in outcome.confirmed:
+        pair = state.pairs.get(u)
+        if pair is not None and not pair.note.endswith(VALUES_AGREE):
+            state.pairs[u] = replace(pair, note=f"{pair.note}; {VALUES_AGREE}")  # confidence stays its source's
     known = {(s.upstream, s.port) for s in state.suspects}
     state.suspects += [s for s in outcome.suspects if (s.upstream, s.port) not in known]
     state.explained_up |= outcome.explained_up

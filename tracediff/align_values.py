@@ -198,6 +198,8 @@ class ValueOutcome:
     #: another extent): explained, so order and shape must not pair them with a leftover
     explained_up: set[int] = field(default_factory=set)
     explained_port: set[int] = field(default_factory=set)
+    #: weak pairs whose outputs hold the same values: confirmed
+    confirmed: set[int] = field(default_factory=set)
 
 
 def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
@@ -272,6 +274,7 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
         partner_of[p] = u
         outcome.add.append((u, p, "their outputs hold the same values"))
 
+    outcome.confirmed = {u for u, p in pairs.items() if u in stage.weak and agrees(u, p)}
     for u in (m for group in by_stretch_up.values() for m in group):
         if u not in pairs and any(agrees(u, p) for p in by_stretch_port.get(stretches.up(up.exec_order[u]), [])):
             outcome.explained_up.add(u)
