@@ -17,7 +17,7 @@ import pytest
 import wan_models
 from torch import nn
 from wan_bugs import BUGS, Bug, bug
-from wan_table import AUTO, BISECT, JSONL, PARAM_MAP
+from wan_table import AUTO, BISECT, JSONL, PARAM_MAP, RANK
 
 from tracediff.analysis import Analysis, analyse
 from tracediff.parity import Settings, diagnose, make_pair
@@ -113,5 +113,6 @@ def test_fastvideo_jsonl_trace_names_culprit(buggy, upstream, inputs, bug_rows, 
     first = analysis.result.first_drift
     assert first is not None and first.kind == "drift", analysis.text()
     named = list(dict.fromkeys([first.culprit, *first.suspects]))
-    found = next((name for name in named[:JSONL_SUSPECTS] if planted.named_correctly(name)), first.culprit)
-    _check(bug_rows, planted, JSONL, found, analysis.text())
+    rank = next((k for k, name in enumerate(named[:JSONL_SUSPECTS]) if planted.named_correctly(name)), 0)
+    bug_rows.setdefault(planted.name, {})[JSONL + RANK] = rank
+    _check(bug_rows, planted, JSONL, named[rank], analysis.text())

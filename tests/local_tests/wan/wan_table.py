@@ -8,13 +8,18 @@ from wan_bugs import BUGS, Bug
 #: param_names_mapping, bisection, and first-drift of FastVideo's own JSONL trace of the port.
 AUTO, PARAM_MAP, BISECT, JSONL = "first-drift auto", "first-drift --param-map", "bisect", "FastVideo JSONL"
 TOOLS = (AUTO, PARAM_MAP, BISECT, JSONL)
+#: Suffix of a result key holding where the named module stood among the suspects (0: the culprit itself).
+RANK = " rank"
 
 
-def verdict(bug: Bug, named: str | None) -> str:
-    """``ok`` when the expected module is named, ``WRONG`` otherwise, ``n/a`` when not run."""
+def verdict(bug: Bug, named: str | None, rank: int = 0) -> str:
+    """``ok`` when the expected module is named (``ok (suspect N)`` when it was the N-th suspect, not the
+    culprit), ``WRONG`` otherwise, ``n/a`` when not run."""
     if named is None:
         return "n/a"
-    return "ok" if bug.named_correctly(named) else "WRONG"
+    if not bug.named_correctly(named):
+        return "WRONG"
+    return f"ok (suspect {rank + 1})" if rank else "ok"
 
 
 def render_table(results: dict[str, dict[str, str | None]]) -> str:
@@ -30,7 +35,7 @@ def render_table(results: dict[str, dict[str, str | None]]) -> str:
         cells = [bug.name, bug.expected + (" (or inside)" if bug.scope == "subtree" else "")]
         for tool in TOOLS:
             named = found.get(tool)
-            cells += ["-" if named is None else (named or "<model>"), verdict(bug, named)]
+            cells += ["-" if named is None else (named or "<model>"), verdict(bug, named, found.get(tool + RANK) or 0)]
         body.append(cells)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
