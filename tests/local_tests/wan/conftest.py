@@ -16,6 +16,7 @@ pytest.importorskip("fastvideo", reason=WHY.format("fastvideo"))
 
 import torch  # noqa: E402
 import wan_models  # noqa: E402
+from bug_table import write_summary  # noqa: E402
 from torch import nn  # noqa: E402
 
 #: What each bug test found, per tool: ``{(bug, tool): named module}``, printed at the end.
@@ -45,10 +46,6 @@ def bug_rows(request: pytest.FixtureRequest) -> dict[str, dict[str, str | None]]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    rows = config.stash.get(BUG_ROWS, {})
-    if not rows:
-        return
     from wan_table import render_table
 
-    terminalreporter.write_sep("=", "Wan planted bugs: who names the culprit")
-    terminalreporter.write_line(render_table(rows))
+    write_summary(terminalreporter, config, BUG_ROWS, "Wan planted bugs: who names the culprit", render_table)

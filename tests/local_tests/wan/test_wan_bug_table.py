@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import wan_models
+from planted import Bug
 from torch import nn
-from wan_bugs import BUGS, Bug, bug
+from wan_bugs import BUGS, bug
 from wan_table import AUTO, BISECT, JSONL, PARAM_MAP, RANK
 
 from tracediff.analysis import Analysis, analyse
@@ -39,11 +40,7 @@ def buggy(bug_name: str, upstream: nn.Module, clean_port: nn.Module, monkeypatch
           ) -> tuple[Bug, nn.Module]:
     """The port with the bug planted: a fresh wrong conversion, or the shared clean port monkeypatched."""
     planted = bug(bug_name)
-    if planted.convert is not None:
-        return planted, wan_models.make_port(upstream, edit=planted.convert)
-    assert planted.plant is not None
-    planted.plant(clean_port, monkeypatch)
-    return planted, clean_port
+    return planted, planted.apply(clean_port, monkeypatch, lambda edit: wan_models.make_port(upstream, edit=edit))
 
 
 def _analysis(upstream: nn.Module, port: nn.Module, inputs, out: Path, *, param_map=None) -> Analysis:

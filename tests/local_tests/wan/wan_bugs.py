@@ -1,72 +1,18 @@
 """Planted bugs in FastVideo's Wan DiT: what real ports get wrong, applied at run time.
 
-Nothing installed is edited: a bug sets an attribute or wraps one module's
-``forward`` through pytest's ``monkeypatch`` (undone after the test), or edits
-the converted state dict the way a wrong conversion would.
-
-``expected`` is the port module a correct tool names; ``scope="module"`` means
-exactly that module (the bug is in its own code or parameters), ``"subtree"``
-that module or one inside it (the whole module computes differently).
+A run-time bug sets an attribute or wraps one module's ``forward``; a
+conversion bug edits the converted state dict the way a wrong conversion would.
+``tests/local_tests/planted.py`` has the ``Bug`` record, how it is planted and
+what its ``scope`` means.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import pytest
 import torch
-from torch import nn
-
-Plant = Callable[[nn.Module, pytest.MonkeyPatch], None]
-Convert = Callable[[dict[str, torch.Tensor]], None]
-
-
-@dataclass(frozen=True)
-class Bug:
-    """One planted bug.
-
-    Attributes:
-        name: short id (the table's row key).
-        what: one line for the table.
-        expected: the port module a correct tool names.
-        scope: ``"module"`` (exactly ``expected``) or ``"subtree"`` (``expected`` or inside it).
-        plant: applied to a converted port (run-time bugs).
-        convert: applied to the converted state dict before loading (conversion bugs).
-        why: why ``expected`` is the answer, when it is not obvious.
-    """
-
-    name: str
-    what: str
-    expected: str
-    scope: Literal["module", "subtree"] = "module"
-    plant: Plant | None = None
-    convert: Convert | None = None
-    why: str = ""
-
-    def named_correctly(self, module: str | None) -> bool:
-        if module is None:
-            return False
-        if self.scope == "subtree":
-            return module == self.expected or module.startswith(self.expected + ".")
-        return module == self.expected
-
-
-def _set(path: str, attribute: str, value: Any) -> Plant:
-    def plant(port: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(port.get_submodule(path), attribute, value)
-
-    return plant
-
-
-def _wrap_forward(path: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Plant:
-    def plant(port: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-        module = port.get_submodule(path)
-        monkeypatch.setattr(module, "forward", functools.wraps(module.forward)(wrap(module.forward)))
-
-    return plant
+from planted import Bug, Convert, in_bf16, set_attribute, wrap_forward
 
 
 def _rope_sign(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,14 +22,6 @@ def _rope_sign(original: Callable[..., Any]) -> Callable[..., Any]:
         if freqs_cis is not None:
             freqs_cis = (freqs_cis[0], -freqs_cis[1])
         return original(*args, freqs_cis=freqs_cis, **kwargs)
-
-    return forward
-
-
-def _in_bf16(original: Callable[..., Any]) -> Callable[..., Any]:
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return original(*args, **kwargs)
 
     return forward
 
@@ -120,20 +58,20 @@ BUGS: tuple[Bug, ...] = (
         "blocks.1.attn2.to_k", convert=_shift("blocks.1.attn2.to_k.bias", 0.05),
         why="its weights no longer match upstream's: it must still pair by name, not drop out"),
     Bug("norm_eps", "LayerNorm eps 1e-6 -> 1e-3 in block 0's first norm", "blocks.0.norm1",
-        plant=_set("blocks.0.norm1", "eps", 1e-3)),
+        plant=set_attribute("blocks.0.norm1", "eps", 1e-3)),
     Bug("gelu_exact", "FFN activation: exact GELU instead of the tanh approximation in block 1",
-        "blocks.1.ffn.act", plant=_set("blocks.1.ffn.act", "approximate", "none")),
+        "blocks.1.ffn.act", plant=set_attribute("blocks.1.ffn.act", "approximate", "none")),
     Bug("rope_sign", "rotary embedding turned the wrong way inside block 0's attention core",
-        "blocks.0.attn1", plant=_wrap_forward("blocks.0.attn1", _rope_sign),
+        "blocks.0.attn1", plant=wrap_forward("blocks.0.attn1", _rope_sign),
         why="FastVideo applies the rotary embedding inside DistributedAttention, which has no diffusers module"),
     Bug("modulation_rows", "block 1's modulation table read with shift and scale swapped",
         "blocks.1", convert=_swap_modulation_rows("blocks.1.scale_shift_table", 0, 1),
         why="WanTransformerBlock applies its own scale_shift_table in its own forward, before to_q runs"),
     Bug("time_embedding_period", "sinusoidal timestep embedding with max_period 5000 instead of 10000",
-        "condition_embedder.time_embedder", plant=_set("condition_embedder.time_embedder", "max_period", 5000),
+        "condition_embedder.time_embedder", plant=set_attribute("condition_embedder.time_embedder", "max_period", 5000),
         why="FastVideo's TimestepEmbedder computes the sinusoid in its own forward (diffusers: timesteps_proj)"),
     Bug("bf16_cross_attention", "block 1's cross-attention computed in bf16 (autocast)", "blocks.1.attn2",
-        scope="subtree", plant=_wrap_forward("blocks.1.attn2", _in_bf16)),
+        scope="subtree", plant=in_bf16("blocks.1.attn2")),
 )
 
 

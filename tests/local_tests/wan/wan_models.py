@@ -8,21 +8,22 @@ the upstream's state dict through FastVideo's own conversion:
 ``get_param_names_mapping(WanVideoArchConfig().param_names_mapping)`` and
 ``hf_to_custom_state_dict``.
 
-FastVideo needs three things to run on a CPU, set up once by :func:`setup_fastvideo`:
+FastVideo needs three things to run on a CPU (``tests/local_tests/fastvideo_cpu.py``):
 a one-process gloo "distributed" environment, an attention backend (its
-``CpuPlatform`` returns none: SDPA is pointed at), and a forward context around
-every call of the port (:func:`port_call`).
+``CpuPlatform`` returns none: SDPA is pointed at), both set up once by
+:func:`setup_fastvideo`, and a forward context around every call of the port
+(:func:`port_call`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from fastvideo_cpu import forward_context, setup_fastvideo
 from torch import nn
 
 #: The tiny configuration (diffusers' argument names): 2 blocks, 4 heads x 16, ffn 128, text dim 64.
@@ -47,31 +48,6 @@ TEXT_TOKENS = 8
 TIMESTEP = 500.0
 #: The statistics FastVideo's own tracer records (its full list).
 FASTVIDEO_STATS = "abs_mean,sum,min,max,mean,std,shape,dtype"
-
-_READY = False
-
-
-def setup_fastvideo() -> None:
-    """One-process distributed state and an SDPA attention backend, once per process."""
-    global _READY
-    if _READY:
-        return
-    os.environ.setdefault("FASTVIDEO_ATTENTION_BACKEND", "TORCH_SDPA")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    from fastvideo.attention.backends.sdpa import SDPABackend
-    from fastvideo.distributed.parallel_state import maybe_init_distributed_environment_and_model_parallel
-    from fastvideo.platforms import current_platform
-
-    # FastVideo 0.2.1's CpuPlatform answers no attention backend; SDPA runs on the CPU.
-    current_platform.get_attn_backend_cls = lambda *args, **kwargs: (  # type: ignore[method-assign]
-        f"{SDPABackend.__module__}.{SDPABackend.__name__}")
-    maybe_init_distributed_environment_and_model_parallel(1, 1)
-    _READY = True
-
 
 def make_upstream(seed: int = 0) -> nn.Module:
     from diffusers import WanTransformer3DModel
@@ -181,17 +157,6 @@ def make_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
         "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, TINY["text_dim"], generator=generator),
         "timestep": torch.tensor([TIMESTEP]),
     }
-
-
-@contextlib.contextmanager
-def forward_context(timestep: Any = None) -> Iterator[None]:
-    """FastVideo's modules only run inside ``set_forward_context``."""
-    from fastvideo.forward_context import set_forward_context
-    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
-
-    with set_forward_context(current_timestep=timestep, attn_metadata=None,
-                             forward_batch=ForwardBatch(data_type="dummy")):
-        yield
 
 
 def upstream_call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from wan_bugs import BUGS, Bug
+from collections.abc import Mapping
+from typing import Any
+
+import bug_table
+from planted import Bug
+from wan_bugs import BUGS
 
 #: The ways of asking, in table order: first-drift with automatic alignment, with the port's
 #: param_names_mapping, bisection, and first-drift of FastVideo's own JSONL trace of the port.
@@ -22,23 +27,10 @@ def verdict(bug: Bug, named: str | None, rank: int = 0) -> str:
     return f"ok (suspect {rank + 1})" if rank else "ok"
 
 
+def _verdict(bug: Bug, found: Mapping[str, Any], tool: str) -> str:
+    return verdict(bug, found.get(tool), found.get(tool + RANK) or 0)
+
+
 def render_table(results: dict[str, dict[str, str | None]]) -> str:
     """A plain-text table, one row per bug, a column pair (named, verdict) per tool."""
-    header = ["bug", "expected"]
-    for tool in TOOLS:
-        header += [tool, ""]
-    body = []
-    for bug in BUGS:
-        found = results.get(bug.name)
-        if found is None:
-            continue
-        cells = [bug.name, bug.expected + (" (or inside)" if bug.scope == "subtree" else "")]
-        for tool in TOOLS:
-            named = found.get(tool)
-            cells += ["-" if named is None else (named or "<model>"), verdict(bug, named, found.get(tool + RANK) or 0)]
-        body.append(cells)
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-             for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return bug_table.render_table(BUGS, results, {tool: tool for tool in TOOLS}, _verdict)
