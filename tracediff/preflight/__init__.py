@@ -196,7 +196,10 @@ def _aligned(run: Any, param_map: ParamMapArg, notes: list[str]) -> Alignment:
 
 
 def _live_side(model: nn.Module, label: str, table: ModuleTable | None = None) -> ParamSide:
-    """A side with its module table and, row for row, the tensors themselves.
+    """A side with its module table and, row for row, the tensors themselves and their persistence.
+
+    A tensor is persistent when its full name is a key of ``model.state_dict()``
+    (a buffer registered with ``persistent=False`` is not).
 
     Args:
         table: the model's module table if already built (by the aligner or the
@@ -204,15 +207,17 @@ def _live_side(model: nn.Module, label: str, table: ModuleTable | None = None) -
     """
     from tracediff.hooks.fingerprint import build_module_table
 
-    tensors, owned = [], []
-    for index, (_, module) in enumerate(model.named_modules(remove_duplicate=True)):
+    saved = set(model.state_dict(keep_vars=True))
+    tensors, owned, persistent = [], [], []
+    for index, (prefix, module) in enumerate(model.named_modules(remove_duplicate=True)):
         for kind, items in (("parameter", module.named_parameters(recurse=False)),
                             ("buffer", module.named_buffers(recurse=False))):
             for name, tensor in items:
                 if tensor is not None:
                     tensors.append(tensor.detach())
                     owned.append((index, name, kind, tuple(tensor.shape)))
+                    persistent.append((f"{prefix}.{name}" if prefix else name) in saved)
     known = [(p.module_index, p.name, p.kind, tuple(p.shape)) for p in table.params] if table is not None else None
     if table is None or known != owned:
         table = build_module_table(model)
-    return ParamSide(label, table, tensors=tensors)
+    return ParamSide(label, table, tensors=tensors, persistent=persistent)

@@ -16,7 +16,10 @@ Evidence is used strongest first; each stage only sees what earlier ones left:
 Everything left after that exists on one side only, unless it is tied: the same
 tensor (live models) or identical non-constant values (fingerprints) as a
 parameter of its own side that was paired, e.g. an embedding table that
-upstream holds under ``shared`` and ``encoder.embed_tokens``. A pair whose shapes
+upstream holds under ``shared`` and ``encoder.embed_tokens``; or computed: a
+buffer that is not in its model's ``state_dict()`` (``persistent=False``, e.g.
+rotary tables built at construction), which no conversion carries. Persistence
+is known from live models only; the module table does not record it. A pair whose shapes
 differ only in the number of rows is compared as a padded table: the first rows
 against the other side, the extra rows against zero.
 """
@@ -71,11 +74,14 @@ class ParamSide:
         label: ``upstream`` or ``port``.
         table: the module table (names, fingerprints).
         tensors: the live tensors row by row, or None when only a trace is at hand.
+        persistent: row by row, whether the tensor is in its model's ``state_dict()``
+            (False for a non-persistent buffer); None when only a trace is at hand.
     """
 
     label: str
     table: ModuleTable
     tensors: list[Any] | None = None
+    persistent: list[bool] | None = None
     full: list[str] = field(init=False)
     by_name: dict[str, int] = field(init=False)
     rows_of: dict[int, list[int]] = field(init=False)
@@ -112,6 +118,10 @@ class ParamSide:
     def shape(self, row: int) -> tuple[int, ...]:
         return tuple(self.table.params[row].shape)
 
+    def computed(self, row: int) -> bool:
+        """A buffer known not to be in the state dict (computed at construction, never converted)."""
+        return self.persistent is not None and self.table.params[row].kind == "buffer" and not self.persistent[row]
+
 
 @dataclass
 class _Link:
@@ -130,6 +140,8 @@ class _Link:
     #: a one-sided tensor tied to this row of its own side (paired elsewhere), and how that is known
     tied: int | None = None
     tie: str = ""
+    #: a one-sided buffer that is not in its model's state dict
+    computed: bool = False
 
 
 class _Pairing:
@@ -565,7 +577,7 @@ def _one_sided(state: _Pairing) -> None:
             note = f"its counterpart {_display(port.table.names[partner])} has no {up.local(row)!r}"
         else:
             note = "no port module holds its values"
-        state.link(row, None, note=note)
+        state.link(row, None, note=note, computed=up.computed(row))
     for row in range(len(port.full)):
         if row in state.used_port:
             continue
@@ -579,7 +591,7 @@ def _one_sided(state: _Pairing) -> None:
             note = f"its counterpart {_display(up.table.names[partner])} has no {port.local(row)!r}"
         else:
             note = "no upstream module holds its values"
-        state.link(None, row, note=note)
+        state.link(None, row, note=note, computed=port.computed(row))
 
 
 def _tied_to(side: ParamSide, row: int, paired: list[int]) -> tuple[int, str] | None:
@@ -631,11 +643,12 @@ def _same_tensor(a: Any, b: Any) -> bool:
 
 
 def _layout_notes(checks: list[ParamCheck]) -> list[str]:
-    """One quiet note per tied or zero-padded tensor (not findings: the port holds upstream's values)."""
-    quiet = [check for check in checks if check.status in ("padded", "tied")]
+    """One quiet note per tied, zero-padded or computed tensor (not findings: nothing was converted wrong)."""
+    quiet = [check for check in checks if check.status in ("padded", "tied", "computed")]
     notes = [check.line() for check in quiet[:MAX_LAYOUT_NOTES]]
     if len(quiet) > MAX_LAYOUT_NOTES:
-        notes.append(f"… and {len(quiet) - MAX_LAYOUT_NOTES} more tied or padded tensors (see the JSON report)")
+        notes.append(f"… and {len(quiet) - MAX_LAYOUT_NOTES} more tied, padded or computed tensors "
+                     "(see the JSON report)")
     return notes
 
 
@@ -679,10 +692,12 @@ def _judge(state: _Pairing, link: _Link, rtol: float | None) -> ParamCheck:
         if u is not None:
             partner = state.partner_up.get(up.table.params[u].module_index)
             base["port_module"] = port.table.names[partner] if partner is not None else None
-            return ParamCheck(status="missing_in_port", detail=link.note, **base)
+            status = "computed" if link.computed else "missing_in_port"
+            return ParamCheck(status=status, detail=link.note, **base)
         partner = state.partner_port.get(port.table.params[p].module_index)  # type: ignore[index]
         base["upstream_module"] = up.table.names[partner] if partner is not None else None
-        return ParamCheck(status="missing_in_upstream", detail=link.note, **base)
+        status = "computed" if link.computed else "missing_in_upstream"
+        return ParamCheck(status=status, detail=link.note, **base)
     exact = up.tensors is not None and port.tensors is not None
     padded = padded_rows(up.shape(u), port.shape(p)) if link.verdict is None and link.pieces is None else None
     if padded is not None:

@@ -16,6 +16,7 @@ ParamStatus = Literal[
     "close",
     "padded",
     "tied",
+    "computed",
     "transposed",
     "reshaped",
     "scaled",
@@ -32,6 +33,7 @@ PARAM_STATUSES: tuple[str, ...] = (
     "close",
     "padded",
     "tied",
+    "computed",
     "transposed",
     "reshaped",
     "scaled",
@@ -42,11 +44,13 @@ PARAM_STATUSES: tuple[str, ...] = (
     "missing_in_upstream",
     "unverified",
 )
-#: Verdicts that are not findings: the port holds upstream's values. ``padded``: one
+#: Verdicts that are not findings: the port holds upstream's values, or nothing needed converting. ``padded``: one
 #: side's table is the other's followed by zero rows (a vocabulary padded to a
 #: multiple); ``tied``: a tensor on one side only that is the same tensor as (or holds
-#: the identical values of) a paired tensor of its own side. Both are listed as notes.
-CLEAN_PARAM: frozenset[str] = frozenset({"identical", "close", "padded", "tied"})
+#: the identical values of) a paired tensor of its own side; ``computed``: a buffer on one
+#: side only that is not in its model's ``state_dict()`` (a non-persistent buffer, computed
+#: at construction, which no checkpoint conversion carries). All three are listed as notes.
+CLEAN_PARAM: frozenset[str] = frozenset({"identical", "close", "padded", "tied", "computed"})
 #: Verdicts worth listing that do not make the check fail: a deliberate layout
 #: change (a Conv3d kernel kept as a Linear weight) or a fused piece whose order
 #: the fingerprints cannot confirm.
@@ -57,6 +61,7 @@ STATUS_WORDS: dict[str, str] = {
     "close": "equal within tolerance",
     "padded": "padded with zero rows",
     "tied": "tied",
+    "computed": "computed (not in the state dict)",
     "transposed": "transposed",
     "reshaped": "reshaped",
     "scaled": "scaled",
@@ -162,6 +167,9 @@ class ParamCheck:
                     f"with zeros ({shapes}){extra}")
         if status == "tied":
             return f"tied to {self.detail}" if self.detail else "tied to another tensor of its side"
+        if status == "computed":
+            return "not in the state dict (computed at construction), not converted" + (
+                f"; {self.detail}" if self.detail else "")
         if status == "transposed":
             return (f"transposed: holds {up} transposed "
                     f"({shape_text(self.upstream_shape)} -> {shape_text(self.port_shape)}){extra}")
