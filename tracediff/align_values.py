@@ -79,6 +79,22 @@ class ValueIndex:
             return None
         return self.distance(ur[0], pr[0])
 
+    def abs_mean(self, side: Side, modules: list[int]) -> list[float]:
+        """The first output's abs-mean of each module (NaN where not recorded)."""
+        trace = side.trace
+        assert trace is not None
+        label = "upstream" if side is self.up else "port"
+        return [self._record_stats(label, trace, side.outputs[m][0]).get("abs_mean", math.nan) for m in modules]
+
+    def low_precision(self) -> bool:
+        """Whether any module output on either side is of a reduced-precision dtype."""
+        for side in (self.up, self.port):
+            trace = side.trace
+            assert trace is not None
+            if any(d.startswith(_LOW_PRECISION) for d in trace.records.dtypes):
+                return True
+        return False
+
     def agree_limit(self, u: int, p: int) -> float:
         dtypes = [self._dtype(self.up, u), self._dtype(self.port, p)]
         return AGREE_LOW_PRECISION if any(d.startswith(_LOW_PRECISION) for d in dtypes) else AGREE
@@ -215,9 +231,13 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
     pairs = dict(stage.pairs)
     strong = {u: p for u, p in pairs.items() if u not in stage.weak}
 
+    verdicts: dict[tuple[int, int], bool] = {}
+
     def agrees(u: int, p: int) -> bool:
-        d = values.output_distance(u, p)
-        return d is not None and d <= values.agree_limit(u, p)
+        if (u, p) not in verdicts:
+            d = values.output_distance(u, p)
+            verdicts[(u, p)] = d is not None and d <= values.agree_limit(u, p)
+        return verdicts[(u, p)]
 
     # 1. Proposals: modules free, or weakly paired with something their values contradict (or with a
     #    pass-through, which agrees with whatever ran before it).
@@ -251,13 +271,25 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
         if port.ran(p) and p not in port.passthrough and p not in stage.twins_port:
             by_stretch_port.setdefault(stretches.port(port.exec_order[p]), []).append(p)
     tree = _Tree(up, port, pairs, partner_of)
+    # Only a window of abs-means can agree: as wide as the loosest limit either side's dtypes allow.
+    window = 2.5 * (AGREE_LOW_PRECISION if values.low_precision() else AGREE)
+    near_port = {k: _Near(group, values.abs_mean(port, group), window) for k, group in by_stretch_port.items()}
+    near_up = {k: _Near(group, values.abs_mean(up, group), window) for k, group in by_stretch_up.items()}
+    empty = _Near([], [], window)
+
+    def port_candidates(u: int) -> list[int]:
+        """Port modules of ``u``'s stretch whose output could agree with ``u``'s (by abs-mean first: cheap)."""
+        return near_port.get(stretches.up(up.exec_order[u]), empty).around(values.abs_mean(up, [u])[0])
+
+    def up_candidates(p: int) -> list[int]:
+        return near_up.get(stretches.port(port.exec_order[p]), empty).around(values.abs_mean(port, [p])[0])
 
     def best_port(u: int) -> int | None:
-        found = [p for p in by_stretch_port.get(stretches.up(up.exec_order[u]), []) if open_port(p) and agrees(u, p)]
+        found = [p for p in port_candidates(u) if open_port(p) and agrees(u, p)]
         return tree.choose(found, lambda p: (u, p), port)
 
     def best_up(p: int) -> int | None:
-        found = [u for u in by_stretch_up.get(stretches.port(port.exec_order[p]), []) if open_up(u) and agrees(u, p)]
+        found = [u for u in up_candidates(p) if open_up(u) and agrees(u, p)]
         return tree.choose(found, lambda u: (u, p), up)
 
     for u in sorted((u for group in by_stretch_up.values() for u in group), key=lambda m: up.exec_order[m]):
@@ -276,10 +308,10 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
 
     outcome.confirmed = {u for u, p in pairs.items() if u in stage.weak and agrees(u, p)}
     for u in (m for group in by_stretch_up.values() for m in group):
-        if u not in pairs and any(agrees(u, p) for p in by_stretch_port.get(stretches.up(up.exec_order[u]), [])):
+        if u not in pairs and any(agrees(u, p) for p in port_candidates(u)):
             outcome.explained_up.add(u)
     for p in (m for group in by_stretch_port.values() for m in group):
-        if p not in partner_of and any(agrees(u, p) for u in by_stretch_up.get(stretches.port(port.exec_order[p]), [])):
+        if p not in partner_of and any(agrees(u, p) for u in up_candidates(p)):
             outcome.explained_port.add(p)
 
     # 2. Checks: weak pairs whose outputs disagree grossly while their inputs agree, or while no pair that
@@ -364,6 +396,31 @@ class _Tree:
             if partner is not None and not is_within(self.up.names[partner], up_scope):
                 return False
         return True
+
+
+class _Near:
+    """Modules sorted by the abs-mean of their first output, to find the few that could agree with a value.
+
+    Two outputs that agree have abs-means within the agreement limit (a few percent
+    at most), so only a window of the sorted values needs the full comparison; a
+    module without a recorded abs-mean is a candidate for every value.
+    """
+
+    def __init__(self, modules: list[int], abs_means: list[float], window: float) -> None:
+        self.window = window  # half-width, relative to the value looked up
+        known = [(v, m) for v, m in zip(abs_means, modules, strict=True) if not math.isnan(v)]
+        known.sort()
+        self.keys = [v for v, _ in known]
+        self.modules = [m for _, m in known]
+        self.unknown = [m for v, m in zip(abs_means, modules, strict=True) if math.isnan(v)]
+
+    def around(self, value: float) -> list[int]:
+        if math.isnan(value):
+            return self.modules + self.unknown
+        slack = self.window * abs(value) + 1e-12
+        low = bisect.bisect_left(self.keys, value - slack)
+        high = bisect.bisect_right(self.keys, value + slack)
+        return self.modules[low:high] + self.unknown
 
 
 class _Stretches:
