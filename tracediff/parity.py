@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tracediff.analysis import Analysis, analyse, tolerance_from
+from tracediff.call_context import ContextFn, pick, with_context
 from tracediff.config import ENV_LAYERS, ENV_STATS, TraceConfig
 from tracediff.hooks.flatten import iter_tensors
 from tracediff.runner import clone_inputs, default_call, trace_model
@@ -63,6 +64,9 @@ class PairSpec:
     mapping: Any = None
     param_map: Any = None
     tolerance: Tolerance = field(default_factory=Tolerance)
+    #: context functions entered around every call of each side (``tracediff.call_context``)
+    upstream_context: ContextFn | None = None
+    port_context: ContextFn | None = None
 
 
 @dataclass
@@ -90,8 +94,9 @@ class Diagnosis:
 def run_pair(pair: PairSpec) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
     """Run both models once on private copies of the inputs; return their labelled output tensors."""
     with torch.no_grad():
-        up = _call(pair.upstream_call, pair.upstream, clone_inputs(pair.inputs))
-        port = _call(pair.port_call, pair.port, clone_inputs(pair.inputs))
+        up = _call(with_context(pair.upstream_call or _default, pair.upstream_context), pair.upstream,
+                   clone_inputs(pair.inputs))
+        port = _call(with_context(pair.port_call or _default, pair.port_context), pair.port, clone_inputs(pair.inputs))
     return list(iter_tensors(up)), list(iter_tensors(port))
 
 
@@ -118,7 +123,8 @@ def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
         out_dir.mkdir(parents=True, exist_ok=True)
         config = TraceConfig(layers=settings.layers, stats=settings.stats, layers_source="--tracediff-layers",
                              inputs=settings.inputs)
-        sides = (("upstream", pair.upstream, pair.upstream_call), ("port", pair.port, pair.port_call))
+        sides = (("upstream", pair.upstream, with_context(pair.upstream_call or _default, pair.upstream_context)),
+                 ("port", pair.port, with_context(pair.port_call or _default, pair.port_context)))
         for side, model, call in sides:
             # The diagnosis folder belongs to this test: a re-run replaces its traces on purpose.
             trace_model(model, side=side, steps=[clone_inputs(pair.inputs)], output=out_dir / f"{side}.h5",
@@ -139,7 +145,8 @@ def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
 def make_pair(upstream: nn.Module, port: nn.Module, inputs: Any, *, atol: float | None = None,
               rtol: float | None = None, preset: str | None = None, map: Any = None, param_map: Any = None,
               call: CallFn | str | None = None, upstream_call: CallFn | str | None = None,
-              port_call: CallFn | str | None = None) -> PairSpec:
+              port_call: CallFn | str | None = None, context: ContextFn | None = None,
+              upstream_context: ContextFn | None = None, port_context: ContextFn | None = None) -> PairSpec:
     """Validate the arguments of ``parity.compare``/``parity.register`` into a :class:`PairSpec`."""
     for name, model in (("upstream", upstream), ("port", port)):
         if not isinstance(model, nn.Module):
@@ -157,6 +164,8 @@ def make_pair(upstream: nn.Module, port: nn.Module, inputs: Any, *, atol: float 
         mapping=map,
         param_map=param_map,
         tolerance=tolerance_from(preset_name=preset, atol=atol, rtol=rtol),
+        upstream_context=_as_context(pick(context, upstream_context), "upstream_context"),
+        port_context=_as_context(pick(context, port_context), "port_context"),
     )
 
 
@@ -170,6 +179,17 @@ def _as_call(call: CallFn | str | None) -> CallFn | None:
         return call
     method = call
     return lambda model, inputs: default_call(getattr(model, method), inputs)
+
+
+def _default(model: nn.Module, inputs: Any) -> Any:
+    return default_call(model, inputs)
+
+
+def _as_context(context: Any, name: str) -> ContextFn | None:
+    if context is not None and not callable(context):
+        raise TypeError(f"parity: {name} must be a function returning a context manager "
+                        f"(e.g. lambda inputs: set_forward_context(...)), got {type(context).__name__}")
+    return context
 
 
 def _call(call: CallFn | None, model: nn.Module, inputs: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracediff.call_context import ContextFn, with_context
 from tracediff.config import TraceConfig
 from tracediff.errors import SpecError, TracediffError
 from tracediff.factory import call_with_supported, resolve
@@ -186,8 +187,21 @@ def clone_inputs(inputs: Any, *, device: str | None = None, dtype: torch.dtype |
     return copy.deepcopy(inputs)
 
 
-def caller_for(spec: RunSpec, side: SideSpec) -> Callable[[nn.Module, Any], Any]:
-    """How to call a side's model: its ``call`` (method name or ``module:function``), else ``model(**inputs)``."""
+def caller_for(spec: RunSpec, side: SideSpec, *, in_context: bool = True) -> Callable[[nn.Module, Any], Any]:
+    """How to call a side's model: its ``call`` (method name or ``module:function``), else ``model(**inputs)``,
+    inside its ``context`` when it has one (``in_context=False``: the caller enters it, as bisection does)."""
+    call = _plain_caller(spec, side)
+    return with_context(call, context_for(spec, side)) if in_context else call
+
+
+def context_for(spec: RunSpec, side: SideSpec) -> ContextFn | None:
+    """A side's ``context`` function, resolved (``None`` without one)."""
+    if not side.context:
+        return None
+    return resolve(side.context, field=f"[{side.name}] context", base=spec.base_dir)
+
+
+def _plain_caller(spec: RunSpec, side: SideSpec) -> Callable[[nn.Module, Any], Any]:
     if not side.call:
         return lambda model, inputs: default_call(model, inputs)
     if ":" in side.call:

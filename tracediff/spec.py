@@ -44,6 +44,8 @@ _SIDE_FIELDS = [
     ("convert", str, "'module:function' turning the loaded state dict into this side's names"),
     ("strict", bool, "load weights with strict=True (default true)"),
     ("call", str, "how to call the model: a method name, or 'module:function(model, inputs)'; default model(**inputs)"),
+    ("context", str, "'module:function(inputs)' returning the context manager every forward must run in "
+                     "(FastVideo: set_forward_context); entered around each call, bisection's included"),
     ("device", str, "device for this side (overrides [run] device)"),
     ("dtype", str, "dtype for this side (overrides [run] dtype)"),
 ]
@@ -87,6 +89,7 @@ class SideSpec:
     convert: str | None = None
     strict: bool = True
     call: str | None = None
+    context: str | None = None
     device: str | None = None
     dtype: str | None = None
 

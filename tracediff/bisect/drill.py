@@ -47,6 +47,7 @@ from tracediff.bisect.noise import (
 from tracediff.bisect.ops import is_builtin, module_settings, operator_level
 from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding
 from tracediff.bisect.tree import ROOT, frontier, is_within, join_name, snapshot, tensor_leaves, top_level
+from tracediff.call_context import ContextFn, enter, pick, with_context
 from tracediff.errors import TracediffError
 from tracediff.runner import clone_inputs, default_call
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
@@ -73,6 +74,9 @@ def bisect_models(
     call: CallFn | None = None,
     upstream_call: CallFn | None = None,
     port_call: CallFn | None = None,
+    context: ContextFn | None = None,
+    upstream_context: ContextFn | None = None,
+    port_context: ContextFn | None = None,
     transforms: Mapping[str, Transform] | None = None,
     noise_floor: bool = False,
     noise_factor: float = DEFAULT_NOISE_FACTOR,
@@ -93,6 +97,9 @@ def bisect_models(
         mapping, param_map: passed to the aligner when ``alignment`` is not given.
         tolerance: what local errors are held to (a :class:`Tolerance` or a preset name).
         call: ``call(model, inputs)`` for both sides; ``upstream_call``/``port_call`` per side.
+        context: a function of the step's inputs returning the context manager every forward of both
+            sides must run in (FastVideo's ``set_forward_context``); ``upstream_context``/``port_context``
+            per side. Entered around whole-model passes and around each single-module re-run.
         transforms: port module name (or regex) -> function turning the upstream
             module's output into the port's layout, for modules that differ in layout.
         noise_floor: calibrate each module's noise floor against a higher-precision
@@ -121,6 +128,7 @@ def bisect_models(
     session = _Session(
         upstream, port, alignment, _tolerance(tolerance),
         upstream_call=upstream_call or call, port_call=port_call or call,
+        upstream_context=pick(context, upstream_context), port_context=pick(context, port_context),
         transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor,
     )
     steps = [step] if step is not None else list(range(len(all_inputs)))
@@ -140,6 +148,9 @@ def isolate_models(
     call: CallFn | None = None,
     upstream_call: CallFn | None = None,
     port_call: CallFn | None = None,
+    context: ContextFn | None = None,
+    upstream_context: ContextFn | None = None,
+    port_context: ContextFn | None = None,
     transforms: Mapping[str, Transform] | None = None,
     noise_floor: bool = False,
     noise_factor: float = DEFAULT_NOISE_FACTOR,
@@ -161,6 +172,7 @@ def isolate_models(
     session = _Session(
         upstream, port, alignment, _tolerance(tolerance),
         upstream_call=upstream_call or call, port_call=port_call or call,
+        upstream_context=pick(context, upstream_context), port_context=pick(context, port_context),
         transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor,
     )
     names = list(modules) if modules is not None else session.top_level()
@@ -209,6 +221,8 @@ class _Session:
         *,
         upstream_call: CallFn | None,
         port_call: CallFn | None,
+        upstream_context: ContextFn | None = None,
+        port_context: ContextFn | None = None,
         transforms: Mapping[str, Transform] | None,
         noise_floor: bool,
         noise_factor: float,
@@ -226,8 +240,9 @@ class _Session:
             raise BisectError("nothing to isolate: no port module is aligned with an upstream module "
                               "(give a mapping or a param_map)")
         self.tolerance = tolerance
-        self.up_call: CallFn = upstream_call or (lambda m, x: default_call(m, x))
-        self.port_call: CallFn = port_call or (lambda m, x: default_call(m, x))
+        self.up_context, self.port_context = upstream_context, port_context
+        self.up_call: CallFn = with_context(upstream_call or (lambda m, x: default_call(m, x)), upstream_context)
+        self.port_call: CallFn = with_context(port_call or (lambda m, x: default_call(m, x)), port_context)
         self.transforms = resolve_transforms(transforms, self.aligned)
         self.noise_floor = noise_floor
         self.noise_factor = noise_factor
@@ -445,15 +460,20 @@ class _Session:
                 or up_calls[call].inputs is None:
             return OpFinding(module=port_name, upstream_module=up_name, note="the module's inputs were not captured")
 
-        def counted(m: nn.Module, a: Any, k: Any) -> Any:
-            self.module_calls += 1
-            return m(*a, **k)
+        def counted_in(context: ContextFn | None) -> Any:
+            def counted(m: nn.Module, a: Any, k: Any) -> Any:
+                self.module_calls += 1
+                with enter(context, inputs):  # the context the whole model ran in, for this module alone
+                    return m(*a, **k)
+
+            return counted
 
         # Each module runs alone under the autocast it was called under in the model (an
         # ancestor's ``with torch.autocast(...)``): its captured inputs may be in that dtype.
         return self._trace(port_module, up_module, snapshot(port_calls[call].inputs), snapshot(up_calls[call].inputs),
                            tol, port_name=port_name, upstream_name=up_name, port_keys=port_keys,
-                           upstream_keys=up_keys, port_call=counted, upstream_call=counted,
+                           upstream_keys=up_keys, port_call=counted_in(self.port_context),
+                           upstream_call=counted_in(self.up_context),
                            port_autocast=port_calls[call].autocast, upstream_autocast=up_calls[call].autocast)
 
     @staticmethod

@@ -27,6 +27,7 @@ def bisect_pair(pair: Any, out_dir: Path | None = None) -> str:
         result = bisect_models(
             pair.upstream, pair.port, pair.inputs, mapping=pair.mapping, param_map=pair.param_map,
             tolerance=pair.tolerance, upstream_call=pair.upstream_call, port_call=pair.port_call,
+            upstream_context=pair.upstream_context, port_context=pair.port_context,
         )
     except Exception as exc:  # the plugin's diagnosis must survive a bisection that cannot run
         return f"tracediff bisect: could not bisect this pair: {type(exc).__name__}: {exc}"

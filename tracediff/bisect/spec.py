@@ -40,7 +40,7 @@ def bisect_spec(
     """
     from tracediff.analysis import spec_path, tolerance_from
     from tracediff.errors import SpecError
-    from tracediff.runner import build_model, caller_for, clone_inputs, make_inputs, placement_for
+    from tracediff.runner import build_model, caller_for, clone_inputs, context_for, make_inputs, placement_for
 
     if step is not None and not 0 <= step < spec.steps:
         raise SpecError(f"--step {step} is out of range: the spec runs {spec.steps} step(s) (0..{spec.steps - 1})")
@@ -52,7 +52,7 @@ def bisect_spec(
         device, dtype = placement_for(spec, side_spec)
         placements[side] = (device, dtype)
         models[side] = build_model(spec, side_spec, device=device, dtype=dtype)
-        calls[side] = caller_for(spec, side_spec)
+        calls[side] = caller_for(spec, side_spec, in_context=False)  # bisection enters the context itself
     device, dtype = placements["port"]
     step_inputs = [clone_inputs(make_inputs(spec, index), device=device, dtype=dtype) for index in range(spec.steps)]
     up_device, up_dtype = placements["upstream"]
@@ -68,5 +68,6 @@ def bisect_spec(
         tolerance=tolerance if tolerance is not None else tolerance_from(
             preset_name=spec.preset, atol=spec.atol, rtol=spec.rtol),
         upstream_call=upstream_call, port_call=calls["port"],
+        upstream_context=context_for(spec, spec.upstream), port_context=context_for(spec, spec.port),
         noise_floor=noise_floor, noise_factor=noise_factor, transforms=transforms, max_depth=max_depth,
     )
