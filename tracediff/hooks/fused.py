@@ -61,12 +61,14 @@ if triton is not None:
 
     @triton.jit
     def _partials(
-        x_ptr, part_ptr, n, n_full, stride, BLOCK: tl.constexpr, ACC: tl.constexpr
+        x_ptr, part_ptr, n, n_full, stride, BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr
     ):  # pragma: no cover - GPU
         # n_full (a multiple of BLOCK) and stride (programs * BLOCK) are divisible by 16, so the
         # main loop's masks are uniform over 16 elements and its loads are 16-byte vectors.
+        # WIDE: indices in int64. Within one stride (+ BLOCK) of 2**31 elements, int32 indices of
+        # masked-off lanes and the loop's `start` wrap negative, pass `idx < n` and read before the
+        # tensor (garbage sums or an illegal-address fault that poisons the CUDA context).
         pid = tl.program_id(0)
-        lanes = pid * BLOCK + tl.arange(0, BLOCK)
         s = tl.zeros([BLOCK], dtype=ACC)
         a = tl.zeros([BLOCK], dtype=ACC)
         q = tl.zeros([BLOCK], dtype=ACC)
@@ -74,14 +76,28 @@ if triton is not None:
         hi = tl.full([BLOCK], float("-inf"), dtype=ACC)
         nans = tl.zeros([BLOCK], dtype=tl.int32)
         infs = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, n_full, stride):
-            idx = start + lanes
-            mask = idx < n_full
-            x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC)
-            s, a, q, lo, hi, nans, infs = _accumulate(x, mask, s, a, q, lo, hi, nans, infs)
-        # the last n - n_full (< BLOCK) elements, read by program 0
-        idx = n_full + tl.arange(0, BLOCK)
-        mask = (idx < n) & (pid == 0)
+        if WIDE:
+            # the loop counts rounds: an int32 `start` would wrap on its last increment (and so would
+            # cdiv's n_full + stride - 1); with n_full = 0 this is one round, all masked off
+            lanes = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+            for r in range(0, (n_full - 1) // stride + 1):
+                idx = lanes + r * stride  # r * stride < n_full: no int32 overflow before the int64 sum
+                mask = idx < n_full
+                x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC)
+                s, a, q, lo, hi, nans, infs = _accumulate(x, mask, s, a, q, lo, hi, nans, infs)
+            tail = n_full + tl.arange(0, BLOCK).to(tl.int64)
+        else:
+            lanes = pid * BLOCK + tl.arange(0, BLOCK)
+            for start in range(0, n_full, stride):
+                idx = start + lanes
+                mask = idx < n_full
+                x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC)
+                s, a, q, lo, hi, nans, infs = _accumulate(x, mask, s, a, q, lo, hi, nans, infs)
+            tail = n_full + tl.arange(0, BLOCK)
+        # the last n - n_full (< BLOCK) elements, read by program 0 (a bound, not `& (pid == 0)`:
+        # Triton's interpreter rejects a mask broadcast from a scalar)
+        idx = tail
+        mask = idx < tl.where(pid == 0, n, n_full)
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC)
         s, a, q, lo, hi, nans, infs = _accumulate(x, mask, s, a, q, lo, hi, nans, infs)
         row = part_ptr + pid * 8
@@ -157,12 +173,18 @@ def moments(values: torch.Tensor) -> torch.Tensor | None:
 
 
 def launch(
-    values: torch.Tensor, *, block: int | None = None, warps: int = NUM_WARPS, programs: int = PROGRAMS
+    values: torch.Tensor,
+    *,
+    block: int | None = None,
+    warps: int = NUM_WARPS,
+    programs: int = PROGRAMS,
+    wide: bool | None = None,
 ) -> torch.Tensor:
     """Run both kernels on a contiguous non-empty ``values``; the moment vector on its device.
 
     ``block``, ``warps`` and ``programs`` exist for benchmarks: changing them changes
-    the summation order, hence the last bits of the sums.
+    the summation order, hence the last bits of the sums. ``wide`` forces int64 (True)
+    or int32 (False) indexing, for tests; by default :func:`wide_indices` decides.
     """
     n = values.numel()
     f64 = values.dtype == torch.float64
@@ -172,6 +194,23 @@ def launch(
     out = torch.empty(7, dtype=torch.float64, device=values.device)
     acc = tl.float64 if f64 else tl.float32
     n_full = n - n % block
-    _partials[(programs,)](values, partials, n, n_full, programs * block, BLOCK=block, ACC=acc, num_warps=warps)
+    stride = programs * block
+    wide = wide_indices(n, stride, block) if wide is None else wide
+    _partials[(programs,)](values, partials, n, n_full, stride, BLOCK=block, ACC=acc, WIDE=wide, num_warps=warps)
     _combine[(1,)](partials, out, programs, ROWS=triton.next_power_of_2(programs), num_warps=4)
     return out
+
+
+#: Largest index an int32 holds.
+_INT32_MAX = 2**31 - 1
+
+
+def wide_indices(n: int, stride: int, block: int) -> bool:
+    """Whether the first pass must index in int64 for ``n`` elements.
+
+    Every lane computes ``start + lane`` for each ``start`` below ``n_full`` (up to one
+    stride past the last element) and the tail ``n_full + arange(block)``: the largest
+    index is below ``n + stride + block``. Smaller tensors keep int32 arithmetic (the
+    code, speed and bits measured in docs/benchmarks.md).
+    """
+    return n + stride + block > _INT32_MAX

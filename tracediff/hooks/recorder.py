@@ -15,10 +15,11 @@ synchronously at each step's end, as there is no device to overlap with.
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,15 @@ from torch.utils.hooks import RemovableHandle
 from tracediff.config import TraceConfig
 from tracediff.hooks import steps as step_state
 from tracediff.hooks.flatten import iter_inputs, iter_tensors
-from tracediff.hooks.stats import copy_full_to_host, copy_stream, full_dtype, moments, take_sample
+from tracediff.hooks.stats import (
+    copy_full_to_host,
+    copy_stream,
+    full_dtype,
+    moments,
+    producer_stream,
+    take_sample,
+    wait_for_producers,
+)
 from tracediff.store.background import BackgroundWriter
 from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE, MAX_DIMS, RECORD_COLUMNS
 from tracediff.store.writer import StepBatch, TraceWriter
@@ -52,6 +61,25 @@ class _Pending:
     sample: torch.Tensor | None
     full: torch.Tensor | None  # on the host (pinned and maybe still being filled, for a CUDA tensor)
     full_device: torch.device | None = None
+    #: the CUDA stream the hook queued ``moments``/``sample`` on: the flush waits for it
+    stream: Any = None
+
+
+@dataclass
+class _CallStart:
+    """Where a top-level call of the model began: what to roll back to if it raises."""
+
+    pending: int
+    seq: int
+    step: int | None
+    calls: dict[int, int]
+    input_calls: dict[int, int]
+    exception: BaseException | None  # the exception being handled when the call began (usually None)
+
+
+#: Hook events between which only PyTorch's own code runs, never the model's: ``nn.Sequential.forward``
+#: passes its input to its first child, each child's output to the next, and returns its last child's.
+_Pair = tuple[str, int, str, int]
 
 
 class Recorder:
@@ -70,8 +98,15 @@ class Recorder:
         self._pending: list[_Pending] = []
         self._calls: defaultdict[int, int] = defaultdict(int)
         self._input_calls: defaultdict[int, int] = defaultdict(int)
-        #: id(tensor) -> (weak reference, version counter, reductions) of this step's captures
-        self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], int, tuple[Any, Any, Any]]] = {}
+        #: id(tensor) -> (weak reference, version counter, reductions, hook event) of this step's captures
+        self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], int, tuple[Any, Any, Any], int]] = {}
+        self._event_id = 0
+        self._last_event: tuple[str, int, nn.Module | None, int] | None = None  # kind, module, object, thread
+        self._reuse_from = 0  # captures made at or after this hook event may be reused
+        self._safe_pairs: set[_Pair] = set()
+        self._calls_open: list[_CallStart] = []
+        #: top-level calls of the model that raised; their records were dropped (see :meth:`_drop_call`)
+        self.failed_calls = 0
         self._seq = 0
         self._depth = 0
         self._auto_next = 0
@@ -89,18 +124,25 @@ class Recorder:
     # -- hook registration ---------------------------------------------------
     def _attach(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self.begin_call, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._root_hook))
+        # always_call: the hook also runs when the forward raises (with output None), so the call
+        # depth returns to 0 and the failed call's records are dropped (see _root_hook).
+        self._handles.append(model.register_forward_hook(self._root_hook, always_call=True))
+        traced = {ROOT_INDEX}
         for index, name in enumerate(self.module_names):
             if index == ROOT_INDEX or not self.config.layer_predicate(name):
                 continue
             module = model.get_submodule(name)
             if self.config.inputs:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._make_hook(index)))
+            # always_call: a child that raises (caught inside the model) still takes its call number,
+            # so its input records and its later calls' outputs keep matching call indices.
+            self._handles.append(module.register_forward_hook(self._make_hook(index), always_call=True))
+            traced.add(index)
+        self._safe_pairs = _sequential_pairs(model, self.module_names, traced)
 
     def _make_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._guarded(index, self._record_output, index, output)
+            self._guarded(index, self._record_output, index, output, module)
 
         return hook
 
@@ -108,7 +150,7 @@ class Recorder:
         # A pre-hook, not the forward hook's ``args``: an in-place forward (ReLU(inplace=True))
         # would already have overwritten them.
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-            self._guarded(index, self._record_module_inputs, index, args, kwargs)
+            self._guarded(index, self._record_module_inputs, index, args, kwargs, module)
 
         return hook
 
@@ -131,8 +173,14 @@ class Recorder:
                 self._begin_step(step_state.current_step())
             self._depth += 1
             self._call_start = (len(self._pending), self._seq)
+            self._calls_open.append(
+                _CallStart(
+                    len(self._pending), self._seq, self._step, dict(self._calls), dict(self._input_calls),
+                    sys.exc_info()[1],
+                )
+            )
         if record_inputs:
-            self._guarded(ROOT_INDEX, self._record_module_inputs, ROOT_INDEX, args, kwargs)
+            self._guarded(ROOT_INDEX, self._record_module_inputs, ROOT_INDEX, args, kwargs, module)
 
     def record_late_inputs(self, args: Any, kwargs: Any) -> None:
         """Record a top-level call's inputs after the fact, placed before that call's other records.
@@ -143,7 +191,7 @@ class Recorder:
         with self._lock:
             position, seq = self._call_start
             before = len(self._pending)
-            self._guarded(ROOT_INDEX, self._record_module_inputs, ROOT_INDEX, args, kwargs)
+            self._guarded(ROOT_INDEX, self._record_module_inputs, ROOT_INDEX, args, kwargs, None, "late")
             late = self._pending[before:]
             del self._pending[before:]
             self._pending[position:position] = late
@@ -151,11 +199,36 @@ class Recorder:
                 item.seq = seq + offset
 
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._guarded(ROOT_INDEX, self._record_output, ROOT_INDEX, output)
+        """A top-level call returned, or raised (registered with ``always_call``; ``output`` is then None).
+
+        A call raised when an exception is being handled that was not being handled when
+        it began (torch runs always-call hooks inside its ``except`` block). Its records,
+        partial by nature, are dropped and the call counters rolled back, as if the call
+        had not been made; in implicit-step mode the step number it took stays unused.
+        """
         with self._lock:
+            start = self._calls_open.pop() if self._calls_open else None
+        failed = start is not None and sys.exc_info()[1] is not None and sys.exc_info()[1] is not start.exception
+        if not failed:
+            self._guarded(ROOT_INDEX, self._record_output, ROOT_INDEX, output, module)
+        with self._lock:
+            if failed:
+                self._drop_call(start)  # type: ignore[arg-type]
             self._depth = max(self._depth - 1, 0)
-            if self._depth == 0 and step_state.current_step() is None and self._step is not None:
-                self._flush(self._step)
+            # a failed call leaves no empty step behind
+            at_end = self._depth == 0 and step_state.current_step() is None and self._step is not None
+            if at_end and (self._pending or not failed):
+                self._flush(self._step)  # type: ignore[arg-type]
+
+    def _drop_call(self, start: _CallStart) -> None:
+        """Forget the records of a top-level call that raised; its call numbers are given back."""
+        self.failed_calls += 1
+        if self._step != start.step or len(self._pending) < start.pending:
+            return  # the call spanned a step boundary (trace_step inside the forward): keep what was committed
+        del self._pending[start.pending :]
+        self._seq = start.seq
+        self._calls = defaultdict(int, start.calls)
+        self._input_calls = defaultdict(int, start.input_calls)
 
     def _begin_step(self, step: int) -> None:
         if self._step is not None and self._step != step and self._pending:
@@ -198,9 +271,12 @@ class Recorder:
                     stacklevel=2,
                 )
 
-    def _record_module_inputs(self, index: int, args: Any, kwargs: Any) -> None:
+    def _record_module_inputs(
+        self, index: int, args: Any, kwargs: Any, module: nn.Module | None = None, kind: str = "pre"
+    ) -> None:
         """One call's tensor arguments, numbered like the call's outputs (calls start and end in order)."""
         with self._lock:
+            self._enter_event(kind, index, module)
             step = self._current()
             if step is None or not self.config.wants_step(step):
                 return
@@ -209,8 +285,9 @@ class Recorder:
             for label, tensor in iter_inputs(args, kwargs or {}):
                 self._capture(step, index, call, label, tensor)
 
-    def _record_output(self, index: int, output: Any) -> None:
+    def _record_output(self, index: int, output: Any, module: nn.Module | None = None) -> None:
         with self._lock:
+            self._enter_event("post", index, module)
             step = self._current()
             if step is None or not self.config.wants_step(step):
                 return
@@ -237,21 +314,56 @@ class Recorder:
                 sample=sample,
                 full=full,
                 full_device=tensor.device,
+                stream=producer_stream(tensor),
             )
         )
         self._seq += 1
 
-    def _reduced(self, tensor: torch.Tensor) -> tuple[Any, Any, Any]:
-        """Moments, sample and full copy of ``tensor``, reused when it was already captured unchanged.
+    def _enter_event(self, kind: str, index: int, module: nn.Module | None) -> None:
+        """A hook of ours fires: decide whether captures of the previous hook event may be reused.
 
-        With module inputs traced, most inputs are the previous module's output: the same
-        tensor object at the same version counter, so the same values. A weak reference
-        proves it is that object still (an id alone could be a new tensor at a freed
-        address); inference-mode tensors have no version counter and are always reduced.
+        Reuse is safe only where no code but PyTorch's own can have run since that event.
+        """
+        self._event_id += 1
+        previous, thread = self._last_event, threading.get_ident()
+        safe = (
+            previous is not None
+            and previous[3] == thread
+            and (previous[0], previous[1], kind, index) in self._safe_pairs
+            and _only_our_hooks(previous[2], previous[0])
+            and _only_our_hooks(module, kind)
+        )
+        self._reuse_from = self._event_id - 1 if safe else self._event_id
+        self._last_event = (kind, index, module, thread)
+
+    def _reduced(self, tensor: torch.Tensor) -> tuple[Any, Any, Any]:
+        """Moments, sample and full copy of ``tensor``, reused when it was provably captured unchanged.
+
+        With module inputs traced, most inputs are the previous module's output. The same
+        tensor object at the same version counter is *not* proof of the same values:
+        ``torch.distributed.all_reduce`` (tensor-parallel ports), writes through ``.data``
+        and through ``.numpy()`` change values without bumping the version counter, and
+        nothing short of reading the whole tensor again (what a reduction costs) can tell.
+        So a capture is reused only within one hook event (a tensor passed twice) or from
+        the hook event just before, when only PyTorch's own code ran in between:
+        ``nn.Sequential`` handing a child's output to the next child (or its input to its
+        first child, its last child's output back), with no hook but ours on either side
+        (:func:`_sequential_pairs`, :func:`_only_our_hooks`). Anywhere the model's own
+        forward runs in between, the tensor is reduced again: correct first, and cheap
+        where reuse is provably safe. The weak reference proves it is that object still
+        (an id alone could be a new tensor at a freed address); inference-mode tensors
+        have no version counter and are always reduced.
         """
         cached = self._reductions.get(id(tensor))
         version = _version_of(tensor)
-        if cached is not None and version is not None and cached[0]() is tensor and cached[1] == version:
+        if (
+            cached is not None
+            and version is not None
+            and cached[0]() is tensor
+            and cached[1] == version
+            and cached[3] >= self._reuse_from
+        ):
+            self._reductions[id(tensor)] = (cached[0], version, cached[2], self._event_id)
             return cached[2]
         with torch.no_grad():
             reduced = (
@@ -260,7 +372,7 @@ class Recorder:
                 copy_full_to_host(tensor) if self._want_full else None,
             )
         if version is not None:
-            self._reductions[id(tensor)] = (weakref.ref(tensor), version, reduced)
+            self._reductions[id(tensor)] = (weakref.ref(tensor), version, reduced, self._event_id)
         return reduced
 
     # -- flushing ----------------------------------------------------------------
@@ -312,6 +424,7 @@ class Recorder:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
+            self._last_event = None
             step_state.unregister(self)
             if self._pending and not self._stopped:
                 self._flush(self._step if self._step is not None else 0)
@@ -328,6 +441,49 @@ class Recorder:
                     warnings.warn(
                         f"tracediff: closing {self.writer.path} failed ({exc!r})", RuntimeWarning, stacklevel=2
                     )
+
+
+def _sequential_pairs(model: nn.Module, names: list[str], traced: set[int]) -> set[_Pair]:
+    """Hook events of ``model`` between which only ``nn.Sequential.forward`` runs.
+
+    ``(kind, module, kind, module)`` with kinds ``pre`` (inputs) and ``post`` (output):
+    a plain ``nn.Sequential``'s inputs and its first child's, one child's output and the
+    next child's inputs, its last child's output and its own. Only modules that occur
+    once in the model: a shared module's events could come from another caller.
+    """
+    occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    index_of = {id(model.get_submodule(name)): i for i, name in enumerate(names) if i in traced}
+    pairs: set[_Pair] = set()
+    for index, name in enumerate(names):
+        container = model.get_submodule(name)
+        if index not in traced or type(container).forward is not nn.Sequential.forward:
+            continue
+        children = [index_of.get(id(c)) if c is not None and occurrences[id(c)] == 1 else None for c in container]
+        if occurrences[id(container)] != 1 or not children:
+            continue
+        if children[0] is not None:
+            pairs.add(("pre", index, "pre", children[0]))
+        if children[-1] is not None:
+            pairs.add(("post", children[-1], "post", index))
+        for first, second in zip(children, children[1:], strict=False):
+            if first is not None and second is not None:
+                pairs.add(("post", first, "pre", second))
+    return pairs
+
+
+def _only_our_hooks(module: nn.Module | None, kind: str) -> bool:
+    """Whether no hook but tracediff's can run on ``module``'s side of a transition (so no foreign code)."""
+    if module is None:
+        return False
+    hooks = module._forward_pre_hooks if kind == "pre" else module._forward_hooks
+    if len(hooks) != 1:
+        return False
+    from torch.nn.modules import module as torch_module
+
+    for registry in (torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks):
+        if registry and any(not str(getattr(h, "__module__", "")).startswith("tracediff.") for h in registry.values()):
+            return False
+    return True
 
 
 def _version_of(tensor: torch.Tensor) -> int | None:
@@ -348,6 +504,7 @@ class _Staged:
 
     def __init__(self, pending: list[_Pending]) -> None:
         self.pending = pending
+        wait_for_producers(p.stream for p in pending)  # a forward on a side stream: copy after it computed
         self.events: list[torch.cuda.Event] = []
         devices: set[torch.device] = set()
         self.moments = _rows_to_host([p.moments for p in pending], devices)

@@ -20,6 +20,8 @@ meaning is the same; docs/trace-format.md gives the precision):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from tracediff.hooks import fused
@@ -150,6 +152,32 @@ def copy_full_to_host(tensor: torch.Tensor) -> torch.Tensor:
         host.copy_(stored, non_blocking=True)
     values.record_stream(stream)
     return host.permute(tuple(order.index(d) for d in range(len(order))))  # a view in logical order
+
+
+def producer_stream(tensor: torch.Tensor) -> torch.cuda.Stream | None:
+    """The stream that queues work on ``tensor`` now (None off CUDA): record it beside what a hook computes.
+
+    A forward may run on a side stream (``with torch.cuda.stream(s):``) while the step
+    is flushed from another: the flush must then wait for the stream its moments and
+    samples were computed on (:func:`wait_for_producers`).
+    """
+    return torch.cuda.current_stream(tensor.device) if tensor.is_cuda else None
+
+
+def wait_for_producers(streams: Iterable[torch.cuda.Stream | None]) -> None:
+    """Make each device's current stream wait for work queued so far on ``streams`` (the host never waits).
+
+    Call it before reading, on the current stream, device tensors that hooks made on
+    the given streams; a stream that is the current one already needs nothing.
+    """
+    seen: set[tuple[int, int]] = set()
+    for stream in streams:
+        if stream is None or (stream.device_index, stream.stream_id) in seen:
+            continue
+        seen.add((stream.device_index, stream.stream_id))
+        current = torch.cuda.current_stream(stream.device)
+        if current != stream:
+            current.wait_stream(stream)
 
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
