@@ -11,6 +11,7 @@ import torch
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.conftest import TinyNet
+from tests.printed_numbers import mask_floats, number_after
 from tests.test_jsonl import write_fastvideo_trace
 from tests.test_preflight import MISSING, TRANSPOSED, broken_port
 from tracediff import TraceConfig
@@ -71,7 +72,8 @@ def test_findings_exit_one_with_a_table_and_the_counts(runs) -> None:
     assert rows[1] == ["weight", "transformer_blocks.1.attn2.to_out.weight", "blocks.1.cross_attn.o.weight",
                        "transposed: holds upstream's transpose (64×64 -> 64×64)"]
     assert rows[2][:3] == ["weight", "transformer_blocks.2.ffn.fc_in.weight", "blocks.2.ffn.0.weight"]
-    assert rows[2][3].startswith("scaled by 0.5 (max-abs ")
+    assert mask_floats(rows[2][3]).startswith("scaled by # (max-abs #")
+    assert number_after(rows[2][3], "scaled by ") == pytest.approx(0.5, rel=1e-3)
 
 
 def test_json_lists_every_verdict(runs) -> None:

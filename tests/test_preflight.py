@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.printed_numbers import mask_floats, number_after
 from tracediff import TraceConfig
 from tracediff.analysis import analyse
 from tracediff.demo import make_inputs, make_port, make_upstream
@@ -27,9 +28,16 @@ STEPS = 2
 CLEAN_COUNTS = "123 parameters compared: 123 identical"
 TRANSPOSED = ("transformer_blocks.1.attn2.to_out.weight transposed: holds upstream blocks.1.cross_attn.o.weight "
               "transposed (64×64 -> 64×64)")
-SCALED = "transformer_blocks.2.ffn.fc_in.weight scaled by 0.5 vs upstream blocks.2.ffn.0.weight (max-abs "
+#: the scaled weight's line with its numbers masked (tests/printed_numbers.py): each number is compared apart
+SCALED = "transformer_blocks.2.ffn.fc_in.weight scaled by # vs upstream blocks.2.ffn.0.weight (max-abs #, rel #"
 MISSING = ("upstream blocks.0.cross_attn.k.bias missing in port "
            "(its counterpart transformer_blocks.0.attn2.to_k has no 'bias')")
+
+
+def assert_scaled_by_half(line: str) -> None:
+    """The scaled weight's line names the factor 0.5 and a relative error of 0.5, whatever their last digits."""
+    assert number_after(line, "scaled by ") == pytest.approx(0.5, rel=1e-3)
+    assert number_after(line, ", rel ") == pytest.approx(0.5, rel=1e-3)
 
 
 def broken_port() -> torch.nn.Module:
@@ -111,7 +119,8 @@ def test_models_name_a_transposed_a_scaled_and_a_missing_parameter() -> None:
     found = lines(result)
     assert found[0] == MISSING
     assert found[1] == TRANSPOSED
-    assert found[2].startswith(SCALED) and found[2].endswith(", rel 5.0e-01)")
+    assert mask_floats(found[2]) == SCALED + ")"
+    assert_scaled_by_half(found[2])
     scaled = result.weight_findings[2]
     assert scaled.scale == pytest.approx(0.5) and scaled.exact
     expected = (make_upstream(0).blocks[2].ffn[0].weight * 0.5).abs().max().item()
@@ -166,7 +175,8 @@ def test_traces_name_the_same_problems_from_fingerprints(traces) -> None:
     assert result.counts_line() == "123 parameters compared: 120 identical, 1 transposed, 1 scaled, 1 missing in port"
     found = lines(result)
     assert found[:2] == [MISSING, TRANSPOSED]
-    assert found[2].startswith(SCALED) and found[2].endswith(", rel 5.0e-01 over the sampled values)")
+    assert mask_floats(found[2]) == SCALED + " over the sampled values)"
+    assert_scaled_by_half(found[2])
     assert not result.weight_findings[2].exact
     # The map names the port parameter the converter should have filled; the aligner refuses such
     # a map, so modules are aligned without it and the result says so.
@@ -194,7 +204,8 @@ def test_traces_name_inputs_that_differ(traces) -> None:
     found = [i.line() for i in result.input_findings]
     assert [line.split(" max-abs")[0] for line in found] == ["inputs differ at step 0: `context`",
                                                               "inputs differ at step 1: `context`"]
-    assert found[0].startswith("inputs differ at step 0: `context` max-abs 3.0e-02, rel ")
+    assert mask_floats(found[0]).startswith("inputs differ at step 0: `context` max-abs #, rel #")
+    assert number_after(found[0], "max-abs ") == pytest.approx(3e-2, rel=1e-3)
     assert found[0].endswith(" (all 256 elements)")
     assert {i.name for i in result.inputs if i.status == "identical"} == {"x", "t"}
 
@@ -208,21 +219,26 @@ def test_analysis_shows_the_preflight_first_and_the_likely_cause(traces, tmp_pat
     assert text.startswith("pre-flight: 1 finding; 123 parameters compared: 122 identical, 1 scaled; "
                            "inputs identical (3 tensors, steps 0, 1)\n")
     assert analysis.result.first_drift.port == "transformer_blocks.2.ffn.fc_in"
-    cause = ("likely cause: transformer_blocks.2.ffn.fc_in.weight scaled by 0.5 vs upstream blocks.2.ffn.0.weight "
-             "(max-abs ")
-    assert cause in text and text.index(cause) < text.index("first drift: transformer_blocks.2.ffn.fc_in")
+    cause = "likely cause: transformer_blocks.2.ffn.fc_in.weight scaled by "
+    masked = mask_floats(text)
+    assert masked.index(f"{cause}# vs upstream blocks.2.ffn.0.weight (max-abs #") < masked.index(
+        "first drift: transformer_blocks.2.ffn.fc_in")
+    assert number_after(text, cause) == pytest.approx(0.5, rel=1e-3)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["preflight"]["ok"] is False
     assert report["preflight"]["counts"] == {"identical": 122, "scaled": 1}
-    assert report["preflight"]["likely_cause"].startswith(cause)
+    likely = report["preflight"]["likely_cause"]
+    assert mask_floats(likely).startswith(f"{cause}# vs upstream blocks.2.ffn.0.weight (max-abs #")
+    assert number_after(likely, cause) == pytest.approx(0.5, rel=1e-3)
 
 
 def test_analysis_blames_different_inputs_before_any_layer(traces) -> None:
     text = analyse(traces["upstream"], traces["inputs"]).text()
     assert text.startswith("pre-flight: 2 findings; 123 parameters compared: 123 identical; "
                            "inputs differ at steps 0, 1 (`context`)\n")
-    cause = "likely cause: inputs differ at step 0: `context` max-abs 3.0e-02"
+    cause = "likely cause: inputs differ at step 0: `context` max-abs "
     assert cause in text and text.index(cause) < text.index("first drift: ")
+    assert number_after(text, cause) == pytest.approx(3e-2, rel=1e-3)
 
 
 def test_pytest_diagnosis_compares_the_live_weights(tmp_path) -> None:
@@ -233,6 +249,7 @@ def test_pytest_diagnosis_compares_the_live_weights(tmp_path) -> None:
     section = diagnosis.section()
     assert section.startswith("pre-flight: 1 finding; 123 parameters compared: 122 identical, 1 scaled; "
                               "inputs identical (3 tensors, step 0)")
-    assert "likely cause: transformer_blocks.2.ffn.fc_in.weight scaled by 0.5 vs upstream blocks.2.ffn.0.weight" \
-        in section
+    cause = "likely cause: transformer_blocks.2.ffn.fc_in.weight scaled by "
+    assert f"{cause}# vs upstream blocks.2.ffn.0.weight" in mask_floats(section)
+    assert number_after(section, cause) == pytest.approx(0.5, rel=1e-3)
     assert "over the sampled values" not in section  # exact numbers, from the tensors

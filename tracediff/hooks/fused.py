@@ -10,7 +10,8 @@ results, and a second one-program kernel combines the rows in float64 into the
 ``[sum, abs_sum, sumsq, min, max, nan_count, inf_count]`` vector of
 :func:`tracediff.hooks.stats.moments`. The order of every addition is fixed by
 the tensor's size and memory layout alone, so the same tensor gives the same
-bits on any run and any GPU.
+bits on every run on the same GPU and software stack (another GPU or compiler
+may order the float32 additions within a lane differently).
 
 Triton ships with PyTorch's CUDA builds; where it is missing, or the first
 launch fails, :func:`available` turns false and the caller falls back to

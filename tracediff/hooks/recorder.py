@@ -3,8 +3,8 @@
 Hooks do as little as possible while the model runs: they queue on-device
 moment vectors and sample gathers (and, for ``full``, an asynchronous copy into
 pinned host memory), and the recorder moves a whole step to the host in one
-transfer per device when the step ends. A failing hook never breaks the model:
-it warns once for that module and lets the forward go on.
+transfer per device when the step ends. An exception in a hook does not reach
+the model: it warns once for that module and lets the forward go on.
 
 On an accelerator nothing in a hook or at a step's end waits for the device:
 the step's copies are queued behind the step's kernels, and a
