@@ -93,10 +93,9 @@ def test_bisect_names_culprit(buggy, upstream, inputs, bug_rows, tmp_path) -> No
     planted, model = buggy
     # The alignment first-drift found from both traces (execution order, values), as the ViT family does.
     alignment = _analysis(upstream, model, inputs, tmp_path).alignment
-    # Bisection calls single port modules itself: FastVideo's forward context must surround all of it.
-    with wan_models.forward_context(inputs["timestep"]):
-        result = bisect_models(upstream, model, inputs, tolerance=PRESET, upstream_call=wan_models.upstream_call,
-                               port_call=wan_models.port_call, alignment=alignment)
+    # Bisection calls single port modules itself: port_context enters FastVideo's forward context around each.
+    result = bisect_models(upstream, model, inputs, tolerance=PRESET, upstream_call=wan_models.upstream_call,
+                           port_call=wan_models.port_call, alignment=alignment, port_context=wan_models.port_context)
     assert result.culprit is not None, "bisection found no culprit"
     _check(bug_rows, planted, BISECT, result.culprit, str(result))
 

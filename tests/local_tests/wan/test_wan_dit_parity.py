@@ -90,9 +90,8 @@ def test_first_drift_command_exits_0_on_the_clean_pair(upstream, clean_port, inp
 def test_bisect_finds_no_culprit_on_the_clean_pair(upstream, clean_port, inputs) -> None:
     from tracediff.bisect import bisect_models
 
-    with wan_models.forward_context(inputs["timestep"]):  # bisection calls single port modules itself
-        result = bisect_models(upstream, clean_port, inputs, tolerance=PRESET,
-                               upstream_call=wan_models.upstream_call, port_call=wan_models.port_call)
+    result = bisect_models(upstream, clean_port, inputs, tolerance=PRESET, upstream_call=wan_models.upstream_call,
+                           port_call=wan_models.port_call, port_context=wan_models.port_context)
     assert result.culprit is None, result
 
 

@@ -163,6 +163,11 @@ def upstream_call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
     return model(**inputs, return_dict=False)[0]
 
 
+def port_context(inputs: dict[str, torch.Tensor]) -> Any:
+    """The context FastVideo's modules must run in, for one step's inputs: tracediff's ``port_context=``."""
+    return forward_context(inputs["timestep"])
+
+
 def port_call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with forward_context(inputs["timestep"]):
         return model(**inputs)
