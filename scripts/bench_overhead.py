@@ -407,6 +407,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="also write all figures to this JSON file")
     parser.add_argument("--full-only", action="store_true", help="only the full-trace write rate and the disk")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, one repetition (CI)")
+    parser.add_argument("--compile", action="store_true",
+                        help="only torch.compile: eager and compiled forwards, untraced and traced")
     return parser
 
 
@@ -453,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_overhead: {describe(args)}", flush=True)
     if args.full_only:
         return full_only(model, inputs, args, folder)
+    if args.compile:
+        return compile_only(model, inputs, args, folder)
     measure("untraced", None)
     measure("tracing off (attach, disabled)", lambda: attach(model, config=TraceConfig(enabled=False)))
     measure("tracediff stats, blocks", traced(BLOCKS))
@@ -514,6 +518,62 @@ def full_only(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name(args), "full": full,
                                                "disk_bytes_per_s": disk, "h5_bytes_per_s": h5}, indent=2, default=str))
+    return 0
+
+
+def compile_only(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, folder: Path) -> int:
+    """What tracing costs a ``torch.compile``d forward (inductor), against eager.
+
+    Each compiled mode starts from ``torch.compiler.reset()`` and compiles in its warm-up
+    forwards (``attach`` refuses a model compiled without hooks, whose code would skip them);
+    its first forward's time (compile included) is reported apart.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+
+    def measure(name: str, compiled: bool, layers: str | None = None, traced: bool = False) -> None:
+        torch.compiler.reset()
+        handle = None
+        if traced:
+            config = TraceConfig(layers=layers, stats=STATS)
+            handle = attach(model, side="port", config=config, output=folder / f"trace-{len(rows)}.h5")
+        target = torch.compile(model) if compiled else model
+        try:
+            first = time_forwards(target, inputs, args, warmup=0, repeat=1)["median"]
+            row = time_forwards(target, inputs, args, warmup=max(args.warmup - 1, 0), repeat=args.repeat)
+        finally:
+            if handle is not None:
+                handle.close()
+        row["first"] = first
+        rows[name] = row
+        for trace in folder.glob("trace-*.h5"):
+            trace.unlink()
+        print(f"  {name:<40} {row['median'] * 1e3:9.1f} ms  (first forward {first:.1f} s)", flush=True)
+
+    measure("eager, untraced", False)
+    measure("eager, stats, blocks", False, BLOCKS, True)
+    measure("eager, stats, all modules", False, None, True)
+    measure("compiled, untraced", True)
+    measure("compiled, stats, blocks", True, BLOCKS, True)
+    measure("compiled, stats, all modules", True, None, True)
+    shutil.rmtree(folder, ignore_errors=True)
+    eager = rows["eager, untraced"]["median"]
+    base = rows["compiled, untraced"]["median"]
+    print()
+    print("tracediff bench_overhead --compile")
+    print(f"machine : {device_name(args)}, host {platform.node()}")
+    print(f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"command : python scripts/bench_overhead.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"model   : {describe(args)}; torch.compile default (inductor); stats {STATS}")
+    print(f"timing  : median of {args.repeat} forwards after {args.warmup} warm-up (compile in the first)")
+    print()
+    print("| mode | forward (ms) | vs compiled untraced | vs eager untraced | first forward (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['median'] * 1e3:.1f} | {(row['median'] / base - 1) * 100:+.1f} % | "
+              f"{(row['median'] / eager - 1) * 100:+.1f} % | {row['first']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name(args), "rows": rows},
+                                              indent=2, default=str))
     return 0
 
 

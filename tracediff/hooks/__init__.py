@@ -22,7 +22,7 @@ from torch import nn
 
 from tracediff.config import ENV_OUTPUT, TraceConfig, check_output_writable, resolve_output
 from tracediff.errors import TraceConfigError
-from tracediff.hooks import lifecycle
+from tracediff.hooks import compiled, lifecycle
 from tracediff.hooks.fingerprint import build_module_table
 from tracediff.hooks.recorder import Recorder
 from tracediff.hooks.steps import current_step, trace_step
@@ -108,7 +108,9 @@ def attach(
     """Start recording ``model``'s module outputs into an HDF5 trace.
 
     Args:
-        model: the model; its ``named_modules()`` names are what layer regexes match.
+        model: the model; its ``named_modules()`` names are what layer regexes match. A
+            ``torch.compile(model)`` wrapper is traced as the model it wraps (same names);
+            see docs/trace-format.md, "torch.compile".
         side: which side this is (``"port"``, ``"ref"``/``"upstream"`` or any short name).
         config: tracing settings; default :meth:`TraceConfig.from_env`.
         output: trace path (overrides the config's ``output`` template). Under
@@ -128,10 +130,13 @@ def attach(
         TraceConfigError: a setting cannot be honoured (bad regex, stat, steps,
             unwritable output, a layer regex that matches no module), the output
             file exists and overwriting is off, another process is writing it, or
-            it cannot be created (no space left).
+            it cannot be created (no space left); or the model's code was compiled by
+            ``torch.compile`` and run before ``attach`` (its compiled code would skip the
+            hooks), or it holds ``torch.compile`` wrappers as submodules.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach(model=...) needs a torch.nn.Module, got {type(model).__name__}")
+    model = compiled.unwrap(model)  # torch.compile(model): hook the eager modules, under their own names
     if not isinstance(side, str) or not _SIDE.match(side):
         raise TraceConfigError(f"side={side!r} is not a valid side name; use 'ref', 'port' or letters/digits/._-")
     config = TraceConfig.from_env() if config is None else config
@@ -152,6 +157,7 @@ def attach(
     path = resolve_output(with_rank_placeholder(template, world), side=side, rank=rank)
     source = "output" if output is not None else ENV_OUTPUT
     check_output_writable(path, source=source)
+    compiled.check_compiled(model)
     table = build_module_table(model)
     selected = [name for name in table.names[1:] if config.layer_predicate(name)]
     if not selected and config.layers not in (None, ""):
@@ -171,6 +177,7 @@ def attach(
     )
     try:
         recorder = Recorder(model, config=config, writer=writer, module_names=table.names)
+        compiled.make_opaque(recorder._handles)
     except BaseException:
         writer.close()
         lock.release()

@@ -115,6 +115,13 @@ class Recorder:
         self._stopped = False
         self._step_thread: int | None = None  # the thread whose hooks opened self._step
         self._closed = False
+        #: a call opened by a submodule that ran outside any call of the attached model (a wrapper's
+        #: ``wrapper.model(x)``): (index of the module whose return closes it, where it began)
+        self._implicit: tuple[int, _CallStart] | None = None
+        #: hooked module index -> its outermost hooked ancestor-or-self below the root that has a forward
+        self._owners: dict[int, int] = {}
+        self._model_name = type(model).__name__
+        self._steps_skipped: set[int] = set()  # steps whose hooks fired but that config.steps leaves out
         self._want_sample = "sample" in config.stats
         self._want_full = "full" in config.stats
         self._want_moments = config.needs_moments
@@ -128,29 +135,52 @@ class Recorder:
         # depth returns to 0 and the failed call's records are dropped (see _root_hook).
         self._handles.append(model.register_forward_hook(self._root_hook, always_call=True))
         traced = {ROOT_INDEX}
-        for index, name in enumerate(self.module_names):
-            if index == ROOT_INDEX or not self.config.layer_predicate(name):
-                continue
-            module = model.get_submodule(name)
+        selected = [i for i, n in enumerate(self.module_names) if i != ROOT_INDEX and self.config.layer_predicate(n)]
+        self._owners = _call_owners(model, self.module_names, selected)
+        for index in selected:
+            module = model.get_submodule(self.module_names[index])
             if self.config.inputs:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
             # always_call: a child that raises (caught inside the model) still takes its call number,
             # so its input records and its later calls' outputs keep matching call indices.
             self._handles.append(module.register_forward_hook(self._make_hook(index), always_call=True))
             traced.add(index)
+        for owner in sorted(set(self._owners.values()) - traced):
+            # an untraced owner (the ``model`` of a wrapper when only its blocks are traced): its return
+            # closes a call that its traced submodules opened
+            module = model.get_submodule(self.module_names[owner])
+            self._handles.append(module.register_forward_hook(self._make_owner_hook(owner), always_call=True))
+        self._traced_count = len(traced)
         self._safe_pairs = _sequential_pairs(model, self.module_names, traced)
 
     def _make_hook(self, index: int) -> Any:
+        owner = self._owners.get(index)
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._depth:
+                self._open_implicit(owner)
             self._guarded(index, self._record_output, index, output, module)
+            if self._implicit is not None and self._implicit[0] == index:
+                self._close_implicit(index)
 
         return hook
 
     def _make_pre_hook(self, index: int) -> Any:
+        owner = self._owners.get(index)
+
         # A pre-hook, not the forward hook's ``args``: an in-place forward (ReLU(inplace=True))
         # would already have overwritten them.
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if not self._depth:
+                self._open_implicit(owner)
             self._guarded(index, self._record_module_inputs, index, args, kwargs, module)
+
+        return hook
+
+    def _make_owner_hook(self, index: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._implicit is not None and self._implicit[0] == index:
+                self._close_implicit(index)
 
         return hook
 
@@ -166,21 +196,56 @@ class Recorder:
         one call during which it attached (see :meth:`record_late_inputs`).
         """
         with self._lock:
-            if self._depth == 0 and step_state.current_step() is None:
-                self._begin_step(self._auto_next)
-                self._auto_next += 1
-            elif step_state.current_step() is not None and step_state.current_step() != self._step:
-                self._begin_step(step_state.current_step())
-            self._depth += 1
-            self._call_start = (len(self._pending), self._seq)
-            self._calls_open.append(
-                _CallStart(
-                    len(self._pending), self._seq, self._step, dict(self._calls), dict(self._input_calls),
-                    sys.exc_info()[1],
-                )
-            )
+            if self._implicit is not None:
+                # the root cannot run inside its own submodule: that call's owner never returned
+                # (its submodule was called directly, bypassing it); commit what it recorded
+                self._close_implicit(self._implicit[0], stale=True)
+            self._calls_open.append(self._open_call())
         if record_inputs:
             self._guarded(ROOT_INDEX, self._record_module_inputs, ROOT_INDEX, args, kwargs, module)
+
+    def _open_call(self) -> _CallStart:
+        """A call starts: open its step (an implicit one when no ``trace_step`` is open and none is running)."""
+        if self._depth == 0 and step_state.current_step() is None:
+            self._begin_step(self._auto_next)
+            self._auto_next += 1
+        elif step_state.current_step() is not None and step_state.current_step() != self._step:
+            self._begin_step(step_state.current_step())
+        self._depth += 1
+        self._call_start = (len(self._pending), self._seq)
+        return _CallStart(
+            len(self._pending), self._seq, self._step, dict(self._calls), dict(self._input_calls), sys.exc_info()[1]
+        )
+
+    def _open_implicit(self, owner: int | None) -> None:
+        """A traced submodule runs while no call of the attached model is open: it opens the call itself.
+
+        Attaching to a wrapper whose code calls ``wrapper.model(x)`` runs ``model`` but never the
+        wrapper's own forward. The first hook event of such a run opens a call, numbered like a
+        call of the attached model (one implicit step per such call, or the ``trace_step`` step);
+        it is closed, committed, or dropped if it raised, when ``owner`` returns: the outermost
+        module with a forward around that submodule (``model``).
+        """
+        with self._lock:
+            if self._depth or owner is None or self._closed:
+                return
+            self._implicit = (owner, self._open_call())
+
+    def _close_implicit(self, owner: int, *, stale: bool = False) -> None:
+        """``owner`` returned (or raised): end the call that a submodule of it opened; see :meth:`_root_hook`."""
+        with self._lock:
+            if self._implicit is None or self._implicit[0] != owner:
+                return
+            start = self._implicit[1]
+            self._implicit = None
+            error = None if stale else sys.exc_info()[1]
+            failed = error is not None and error is not start.exception
+            if failed:
+                self._drop_call(start)
+            self._depth = max(self._depth - 1, 0)
+            at_end = self._depth == 0 and step_state.current_step() is None and self._step is not None
+            if at_end and (self._pending or not failed):
+                self._flush(self._step)  # type: ignore[arg-type]
 
     def record_late_inputs(self, args: Any, kwargs: Any) -> None:
         """Record a top-level call's inputs after the fact, placed before that call's other records.
@@ -279,6 +344,7 @@ class Recorder:
             self._enter_event(kind, index, module)
             step = self._current()
             if step is None or not self.config.wants_step(step):
+                self._skipped(step)
                 return
             call = self._input_calls[index]
             self._input_calls[index] = call + 1
@@ -290,11 +356,16 @@ class Recorder:
             self._enter_event("post", index, module)
             step = self._current()
             if step is None or not self.config.wants_step(step):
+                self._skipped(step)
                 return
             call = self._calls[index]
             self._calls[index] = call + 1
             for label, tensor in iter_tensors(output):
                 self._capture(step, index, call, label, tensor)
+
+    def _skipped(self, step: int | None) -> None:
+        if step is not None and len(self._steps_skipped) < 1000:
+            self._steps_skipped.add(step)
 
     def _capture(self, step: int, module: int, call: int, label: str, tensor: torch.Tensor) -> None:
         if tensor.is_meta:  # fail this module now; its stats would fail the whole step's flush
@@ -441,6 +512,53 @@ class Recorder:
                     warnings.warn(
                         f"tracediff: closing {self.writer.path} failed ({exc!r})", RuntimeWarning, stacklevel=2
                     )
+            if not self._stopped and not self.failures and not self.failed_calls and self.records_written == 0:
+                # (a write failure or a failing hook has warned already: not silent)
+                warnings.warn(self._empty_message(), RuntimeWarning, stacklevel=3)
+
+    def _empty_message(self) -> str:
+        """Why a trace closed with no record although its hooks were attached (never a silent empty trace)."""
+        head = (
+            f"tracediff: {self.writer.path} has no records although {self._traced_count} module(s) of the "
+            f"attached {self._model_name} were hooked"
+        )
+        if self._steps_skipped:
+            steps = sorted(self.config.steps or ())
+            ran = sorted(self._steps_skipped)
+            return (
+                f"{head}: traced modules ran in step(s) {', '.join(map(str, ran[:10]))}"
+                f"{', ...' if len(ran) > 10 else ''}, but the steps to record ({', '.join(map(str, steps[:10]))}, "
+                "FASTVIDEO_TRACE_STEPS or TraceConfig(steps=...)) matched none of them"
+            )
+        if self._event_id == 0:
+            return (
+                f"{head}: none of them ran while tracing was on. Likely causes: the model called was not the "
+                f"attached {self._model_name} nor one of its submodules (attach the module whose forward runs, "
+                "or call it before the trace is closed); a function compiled with torch.compile before attach, "
+                "whose compiled code skips hooks added later (attach first, or torch.compiler.reset()); or no step "
+                "matched FASTVIDEO_TRACE_STEPS"
+            )
+        return f"{head}: traced modules ran but none of them returned (or received) a tensor"
+
+
+def _call_owners(model: nn.Module, names: list[str], selected: list[int]) -> dict[int, int]:
+    """For each traced module, the module whose return ends a call that the traced one opened.
+
+    That is its outermost ancestor-or-self below the root that has a forward of its own (a
+    ``ModuleList`` has none: ``blocks`` is never called, ``blocks.0`` is): for a wrapper
+    attached whose code calls ``wrapper.model(x)``, ``model``.
+    """
+    index_of = {id(model.get_submodule(name)): i for i, name in enumerate(names)}
+    owners: dict[int, int] = {}
+    for index in selected:
+        parts = names[index].split(".")
+        owners[index] = index
+        for end in range(1, len(parts) + 1):
+            module = model.get_submodule(".".join(parts[:end]))
+            if type(module).forward is not nn.Module.forward and id(module) in index_of:
+                owners[index] = index_of[id(module)]
+                break
+    return owners
 
 
 def _sequential_pairs(model: nn.Module, names: list[str], traced: set[int]) -> set[_Pair]:
