@@ -75,24 +75,28 @@ def check_compiled(model: nn.Module) -> None:
 
 
 def _compiled_code(model: nn.Module) -> str | None:
-    """Which of the model's modules has compiled code that might have been compiled without hooks."""
+    """Which part of the model has compiled code that might have been compiled without hooks.
+
+    Compiled code lives on code objects, which a class's instances share, so only
+    what points at *this* model counts: the root's own ``forward`` (``torch.compile(model)``
+    run, or another instance of its class), and modules compiled in place
+    (``module.compile()`` marks the instance) once any in-place compiled code ran.
+    A ``Linear`` inside some other compiled model says nothing about this one.
+    """
     try:
         from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
     except ImportError:  # pragma: no cover - a PyTorch without this introspection: nothing to check
         return None
+    forward = getattr(type(model).forward, "__code__", None)
+    if forward is not None and cache_entries(forward):
+        return f"the model ({type(model).__name__})"
     call_impl = getattr(nn.Module._call_impl, "__code__", None)
-    seen: set[Any] = set()
+    if call_impl is None or not cache_entries(call_impl):
+        return None
     for name, module in model.named_modules():
-        forward = getattr(type(module).forward, "__code__", None)
-        label = f"module {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
-        if forward is not None and forward not in seen:
-            seen.add(forward)
-            if cache_entries(forward):
-                return label
         # ``module.compile()`` compiles ``Module._call_impl`` (shared by every module) for this module
-        compiled_in_place = getattr(module, "_compiled_call_impl", None) is not None
-        if compiled_in_place and call_impl is not None and cache_entries(call_impl):
-            return label
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            return f"module {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
     return None
 
 

@@ -93,11 +93,16 @@ def test_a_dit_compiled_in_place_after_attach_records_what_eager_records(clean_p
         with trace_step(0), torch.no_grad():
             expected = wan_models.port_call(clean_port, inputs)
     compiled = wan_models.make_port(wan_models.make_upstream(seed=0))
-    with attach(compiled, side="port", config=CONFIG, output=tmp_path / "compiled.h5"):
-        compiled.compile(backend="aot_eager")  # FastVideo compiles its DiT in place; aot_eager keeps CPU CI fast
-        with trace_step(0), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            actual = wan_models.port_call(compiled, inputs)
+    try:
+        with attach(compiled, side="port", config=CONFIG, output=tmp_path / "compiled.h5"):
+            compiled.compile(backend="aot_eager")  # FastVideo compiles its DiT in place; aot_eager: fast CPU CI
+            with trace_step(0), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                actual = wan_models.port_call(compiled, inputs)
+    finally:
+        # Compiled code is shared by every instance of the class: later tests that attach to another
+        # WanTransformer3DModel would (rightly) be refused until it is gone.
+        torch.compiler.reset()
     torch.testing.assert_close(actual, expected)
     with open_trace(tmp_path / "eager.h5") as eager, open_trace(tmp_path / "compiled.h5") as traced:
         key = lambda t: list(zip(t.record_modules().tolist(), t.record_labels().tolist(), strict=True))  # noqa: E731
