@@ -136,7 +136,7 @@ def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
         if settings.mode == "bisect":
             from tracediff.bisect.integrate import bisect_pair
 
-            diagnosis.bisection = bisect_pair(pair, out_dir)
+            diagnosis.bisection = bisect_pair(pair, out_dir, alignment=analysis.alignment)
         return diagnosis
     except Exception as exc:  # the diagnosis must never hide the test's own failure
         return Diagnosis(out_dir=out_dir, error=f"{type(exc).__name__}: {exc}")

@@ -15,10 +15,12 @@ from tracediff.errors import TracediffError
 BISECT_JSON = "bisect.json"
 
 
-def bisect_pair(pair: Any, out_dir: Path | None = None) -> str:
+def bisect_pair(pair: Any, out_dir: Path | None = None, *, alignment: Any = None) -> str:
     """Bisect a parity pair (:class:`tracediff.parity.PairSpec`); the report as text. Never raises.
 
-    With ``out_dir``, the JSON result is written to ``out_dir/bisect.json`` too.
+    With ``out_dir``, the JSON result is written to ``out_dir/bisect.json`` too. ``alignment``: the one
+    first-drift found from both traces (values and execution order pair modules without weights, which
+    the live models' definition order cannot); default: aligned from the live models.
     """
     from tracediff.bisect.drill import bisect_models
     from tracediff.bisect.report import dumps, text
@@ -27,7 +29,7 @@ def bisect_pair(pair: Any, out_dir: Path | None = None) -> str:
         result = bisect_models(
             pair.upstream, pair.port, pair.inputs, mapping=pair.mapping, param_map=pair.param_map,
             tolerance=pair.tolerance, upstream_call=pair.upstream_call, port_call=pair.port_call,
-            upstream_context=pair.upstream_context, port_context=pair.port_context,
+            upstream_context=pair.upstream_context, port_context=pair.port_context, alignment=alignment,
         )
     except Exception as exc:  # the plugin's diagnosis must survive a bisection that cannot run
         return f"tracediff bisect: could not bisect this pair: {type(exc).__name__}: {exc}"

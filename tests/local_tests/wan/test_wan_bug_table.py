@@ -112,3 +112,19 @@ def test_fastvideo_jsonl_trace_names_culprit(buggy, upstream, inputs, bug_rows, 
     rank = next((k for k, name in enumerate(named[:JSONL_SUSPECTS]) if planted.named_correctly(name)), 0)
     bug_rows.setdefault(planted.name, {})[JSONL + RANK] = rank
     _check(bug_rows, planted, JSONL, named[rank], analysis.text())
+
+
+def test_plugin_bisect_mode_uses_the_traced_alignment(upstream, clean_port, inputs, tmp_path, monkeypatch) -> None:
+    """``--tracediff=bisect``: the drill-down pairs modules as first-drift did, so it reaches the activation.
+
+    Aligned from the live models alone (definition order), FastVideo's ``ffn.act`` has no counterpart
+    (diffusers' GELU module holds its projection) and the drill-down stops at ``blocks.1.ffn``.
+    """
+    planted = bug("gelu_exact")
+    planted.plant(clean_port, monkeypatch)
+    pair = make_pair(upstream, clean_port, inputs, preset=PRESET, upstream_call=wan_models.upstream_call,
+                     port_call=wan_models.port_call, port_context=wan_models.port_context)
+    diagnosis = diagnose(pair, tmp_path, Settings(mode="bisect"))
+    assert diagnosis.analysis is not None and diagnosis.bisection, diagnosis.error
+    culprit = next(line for line in diagnosis.bisection.splitlines() if line.startswith("culprit: "))
+    assert culprit.startswith(f"culprit: {planted.expected} "), diagnosis.bisection
