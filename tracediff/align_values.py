@@ -58,6 +58,8 @@ class ValueIndex:
         self.up = upstream
         self.port = port
         self._stats: dict[tuple[str, int], dict[str, float]] = {}
+        # Each derived statistic is computed for all of a trace's records at once: once per side, not per lookup.
+        self._columns: dict[tuple[str, str], np.ndarray | None] = {}
 
     @property
     def usable(self) -> bool:
@@ -133,12 +135,17 @@ class ValueIndex:
         if key not in self._stats:
             found = {}
             for name in _ALL:
-                if trace.has_stat(name):
-                    value = float(trace.stat(name)[record])
-                    if not math.isnan(value):
-                        found[name] = value
+                column = self._column(side, trace, name)
+                if column is not None and not math.isnan(value := float(column[record])):
+                    found[name] = value
             self._stats[key] = found
         return self._stats[key]
+
+    def _column(self, side: str, trace, name: str) -> np.ndarray | None:  # noqa: ANN001
+        key = (side, name)
+        if key not in self._columns:
+            self._columns[key] = np.asarray(trace.stat(name)) if trace.has_stat(name) else None
+        return self._columns[key]
 
     @staticmethod
     def _dtype(side: Side, module: int) -> str:
