@@ -50,7 +50,7 @@ from tracediff.align_order import OrderedPair, pair_by_order, pair_by_rank
 from tracediff.align_parammap import load_param_map, param_map_links, validate_param_map
 from tracediff.align_side import Side, common_ancestor, is_within, parent_name, side_from_model, side_from_trace
 from tracediff.align_values import ValueStage, apply_value_evidence
-from tracediff.alignment import SOURCES, Alignment, Group, Pair, Suspect
+from tracediff.alignment import NEVER_CALLED, SOURCES, Alignment, Group, Pair, Suspect
 from tracediff.trace import Trace
 
 if TYPE_CHECKING:  # torch is imported only to trace or to align live models, never to read traces
@@ -85,8 +85,6 @@ CONFIDENCE = {
 }
 #: Added to the note of a pair made by order or through its children when its outputs hold the same values.
 VALUES_AGREE = "values agree"
-#: Containers that only hold modules and have no forward: never a module's counterpart.
-NEVER_CALLED = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
 #: Notes of pairs whose evidence is order, shape or children only: value evidence may overrule them.
 CONTAINER_NOTE = "paired through the modules inside it"
 ROOT = ""

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+#: Containers that only hold modules and have no forward: never called, never a module's counterpart.
+NEVER_CALLED = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
+
 #: Where a pair came from, strongest first.
 Source = Literal["root", "map", "param_map", "fingerprint", "values", "name", "structure"]
 SOURCES: tuple[str, ...] = ("root", "map", "param_map", "fingerprint", "values", "name", "structure")

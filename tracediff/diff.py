@@ -36,7 +36,8 @@ from typing import Literal
 
 import numpy as np
 
-from tracediff.alignment import Alignment, Suspect
+from tracediff.align_values import broadcast_equivalent
+from tracediff.alignment import NEVER_CALLED, Alignment, Suspect
 from tracediff.errors import DiffError
 from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE, RECORD_COLUMNS
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
@@ -794,13 +795,10 @@ def caller_of(name: str, trace: Trace) -> str:
     for cut in range(len(parts) - 1, 0, -1):
         ancestor = ".".join(parts[:cut])
         kind = classes.get(ancestor)
-        if kind is not None and kind.rsplit(".", 1)[-1] not in _NEVER_CALLED:
+        if kind is not None and kind.rsplit(".", 1)[-1] not in NEVER_CALLED:
             return ancestor
     return ""
 
-
-#: Container classes that hold modules but have no forward of their own.
-_NEVER_CALLED = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
 
 
 def _present(values: np.ndarray, size: int) -> np.ndarray:
@@ -1110,8 +1108,6 @@ def _layout_equivalent(
     upstream: Trace, port: Trace, mu: np.ndarray, mp: np.ndarray, candidates: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Among records of different shape: ``(same element count, one broadcast from the other)``."""
-    from tracediff.align_values import broadcast_equivalent
-
     layout = np.zeros(len(mu), dtype=bool)
     repeated = np.zeros(len(mu), dtype=bool)
     for i in np.flatnonzero(candidates).tolist():
