@@ -144,17 +144,15 @@ def test_models_name_a_parameter_the_loader_left_out() -> None:
 def test_models_name_swapped_pieces_of_a_fused_projection() -> None:
     upstream, port = make_upstream(0), swapped_qk_port()
     result = check_models(upstream, port, param_map=PARAM_NAMES_MAPPING)
-    assert result.counts_line() == "123 parameters compared: 119 identical, 4 different"
+    assert result.counts_line() == "123 parameters compared: 119 identical, 4 swapped pieces"
     assert result.weight_findings[0].line().startswith(
-        "transformer_blocks.1.attn1.to_qkv.weight[0:64] different from upstream blocks.1.self_attn.q.weight: ")
-    assert result.weight_findings[0].detail.endswith(
-        "it holds blocks.1.self_attn.k.weight's values (pieces swapped?)")
-    # Without the map the concatenation order can only be read off the values: a swap looks
-    # like a deliberate order, and the result says so instead of calling it clean silently.
+        "transformer_blocks.1.attn1.to_qkv.weight[0:64] swapped pieces: holds upstream blocks.1.self_attn.k.weight "
+        "where upstream blocks.1.self_attn.q.weight belongs")
+    # Without the map the pieces are judged in the order their names give (q, k, v): the same finding.
     inferred = check_models(upstream, port)
-    assert inferred.counts_line() == CLEAN_COUNTS
-    assert any("concatenates blocks.1.self_attn.k, blocks.1.self_attn.q, blocks.1.self_attn.v in that order"
-               in note for note in inferred.notes)
+    assert inferred.counts_line() == result.counts_line()
+    assert inferred.weight_findings[0].line().endswith("the conversion concatenated k, q, v, not q, k, v "
+                                                       "(by the upstream's module names q, k, v)")
 
 
 # -- traces -----------------------------------------------------------------------------
@@ -189,11 +187,12 @@ def test_traces_name_the_same_problems_from_fingerprints(traces) -> None:
 def test_traces_check_fused_pieces_against_their_slices(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["swapped"]) as port:
         result = check_traces(up, port, param_map=PARAM_NAMES_MAPPING)
-    assert result.counts_line() == "123 parameters compared: 119 identical, 4 different"
+    assert result.counts_line() == "123 parameters compared: 119 identical, 4 swapped pieces"
     first = result.weight_findings[0]
     assert (first.port_label, first.upstream) == ("transformer_blocks.1.attn1.to_qkv.weight[0:64]",
                                                   "blocks.1.self_attn.q.weight")
-    assert "it holds blocks.1.self_attn.k.weight's values (pieces swapped?)" in first.detail
+    assert first.detail.startswith("holds upstream blocks.1.self_attn.k.weight where upstream "
+                                   "blocks.1.self_attn.q.weight belongs")
 
 
 def test_traces_name_inputs_that_differ(traces) -> None:

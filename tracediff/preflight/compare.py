@@ -74,6 +74,8 @@ class Verdict:
     rel: float | None = None
     scale: float | None = None
     detail: str = ""
+    #: a fused piece's slice that holds another piece's values: that piece's index
+    holds: int | None = None
 
 
 def pair_rtol(dtype_a: str, dtype_b: str, override: float | None = None) -> float:
@@ -172,7 +174,8 @@ def compare_fused(pieces: list[Fingerprint], fused: Fingerprint, *, rtol: float 
         fused_name, piece_names: for messages (a slice holding another piece's values is named).
 
     Returns:
-        One verdict per piece.
+        One verdict per piece. Slices that hold each other's pieces (``cat(q, v, k)``
+        judged as ``cat(q, k, v)``) are ``swapped``, with ``holds`` naming the piece found.
     """
     tol = pair_rtol(pieces[0].dtype, fused.dtype, rtol)
     where = f"slice of fused {fused_name}" if fused_name else "slice of the fused tensor"
@@ -198,7 +201,8 @@ def compare_fused(pieces: list[Fingerprint], fused: Fingerprint, *, rtol: float 
     holds = [_holds_other_piece(pieces, fused, k, starts, fused_positions, tol) if f is None and len(found[k][0])
              else None for k, f in enumerate(factors)]
     swapped = [k for k, f in enumerate(factors) if f is None]
-    if swapped and sorted(holds[k] for k in swapped if holds[k] is not None) == swapped:
+    traded = is_permutation({k: holds[k] for k in swapped})
+    if traded:
         # Pieces trading places leave the sums unchanged: the moments still confirm the rest.
         consistent = _moments_close(_stack_moments(np.stack([p.moments for p in pieces])), fused.moments, tol)
     else:
@@ -221,6 +225,8 @@ def compare_fused(pieces: list[Fingerprint], fused: Fingerprint, *, rtol: float 
         elif factor is not None:
             confirmed = "moments add up" if consistent else "moments do not confirm it"
             out.append(Verdict("scaled", max_abs, rel, scale=factor, detail=f"{where}; {checked}, {confirmed}"))
+        elif len(a) and traded:
+            out.append(Verdict("swapped", max_abs, rel, detail=f"{where}; {checked}", holds=holds[k]))
         elif len(a):
             what = f"; it holds {piece_names[holds[k]]}'s values (pieces swapped?)" if (
                 holds[k] is not None and piece_names) else ""
@@ -232,6 +238,18 @@ def compare_fused(pieces: list[Fingerprint], fused: Fingerprint, *, rtol: float 
             out.append(Verdict("different", detail=f"{where}: no sampled value falls in this piece, and the pieces' "
                                "moments do not add up to the fused tensor's"))
     return out
+
+
+def is_permutation(holds: dict[int, int | None]) -> bool:
+    """Whether the slices that hold another piece hold each other's: pieces that traded places.
+
+    Args:
+        holds: slot index -> index of the piece whose values that slot holds (its own
+            index when in place); None where a slot holds no piece (re-initialised,
+            scaled): such a slot takes no part in an exchange.
+    """
+    found = {k: j for k, j in holds.items() if j is not None and j != k}
+    return bool(found) and sorted(found.values()) == sorted(found)
 
 
 def _holds_other_piece(pieces: list[Fingerprint], fused: Fingerprint, k: int, starts: np.ndarray,
@@ -309,6 +327,36 @@ def compare_tensors(up: Any, port: Any, *, rtol: float | None = None) -> Verdict
             if _close(a.flatten().sort().values, b.flatten().sort().values, tol):
                 return Verdict("shape_mismatch", detail="same values, different shape and order")
     return Verdict("shape_mismatch")
+
+
+def tensors_close(up: Any, port: Any, *, rtol: float | None = None) -> bool:
+    """Whether two live tensors of one shape hold the same values (identical or within tolerance).
+
+    The cheap test behind finding which piece a fused slice holds: no transpose,
+    scale or permutation search, which :func:`compare_tensors` runs on every
+    tensor that differs.
+    """
+    import torch
+
+    from tracediff.hooks.stats import value_view
+
+    if tuple(up.shape) != tuple(port.shape):
+        return False
+    tol = pair_rtol(_dtype_name(up.dtype), _dtype_name(port.dtype), rtol)
+    with torch.no_grad():
+        if up.dtype == port.dtype and torch.equal(up, port.to(up.device)):
+            return True
+        a, b = value_view(up)[0].reshape(-1), value_view(port)[0].reshape(-1).to(up.device)
+        if a.numel() > 2 * FINGERPRINT_SAMPLE:
+            # A few elements reject most pairs (another piece's values) without a pass over all of them;
+            # the floor is generous, so a pair within tolerance always passes on to the full test.
+            at = torch.linspace(0, a.numel() - 1, FINGERPRINT_SAMPLE, device=a.device).long()
+            sa, sb = a[at].to(torch.float64), b[at].to(torch.float64)
+            floor = tol * float(torch.nan_to_num(sa.abs(), nan=0.0, posinf=0.0).max())
+            if not bool(torch.allclose(sb, sa, rtol=tol, atol=floor, equal_nan=True)):
+                return False
+        a = a.to(torch.float64)
+        return _close(a, b.to(torch.float64), tol)
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -47,14 +47,14 @@ from tracediff.preflight.compare import (
     compare_tensors,
     holds_padded_values,
     holds_same_values,
+    is_permutation,
     padded_rows,
     pair_rtol,
+    tensors_close,
 )
 from tracediff.preflight.result import ParamCheck
 from tracediff.trace import ModuleTable
 
-#: Verdicts that mean "these two tensors hold the same values" (used to pair by value).
-SAME_VALUES = frozenset({"identical", "close", "transposed", "reshaped"})
 #: Relative window of sum of squares searched for a tensor holding the same values (fp8 casts included).
 _VALUE_WINDOW = 0.6
 _SQ, _MIN, _MAX = 2, 3, 4
@@ -64,6 +64,12 @@ MAX_FUSED_PARTS = 4
 MAX_FUSED_CANDIDATES = 8
 #: Tied and padded tensors named one by one in the notes; the rest are counted.
 MAX_LAYOUT_NOTES = 4
+#: Roles of fused pieces by their modules' local names, in the order fused tensors stack them
+#: (``cat(q, k, v)``, ``cat(gate, up)``), whatever order the modules are defined in: HF's CLIP
+#: defines ``k_proj, v_proj, q_proj``, and its fused ports still stack q first.
+_ROLES = (re.compile(r"^(?:to_|w_?)?(q|k|v|query|key|value)(?:_?proj|_lin|_linear)?$"),
+          re.compile(r"^(?:w_?)?(gate|up)(?:_?proj)?$"))
+_ROLE_RANK = {"q": 0, "query": 0, "k": 1, "key": 1, "v": 2, "value": 2, "gate": 0, "up": 1}
 
 
 @dataclass
@@ -142,6 +148,8 @@ class _Link:
     tie: str = ""
     #: a one-sided buffer that is not in its model's state dict
     computed: bool = False
+    #: fused comparison: what says the pieces belong in this order (a swap's message names it)
+    expected: str = ""
 
 
 class _Pairing:
@@ -156,6 +164,8 @@ class _Pairing:
         self.partner_up: dict[int, int] = {}  # upstream module -> port module
         self.partner_port: dict[int, int] = {}
         self.fused_verdicts: dict[tuple[str, int], list[Verdict]] = {}
+        #: fused tensor -> per slot, the piece whose values it holds (exact comparisons)
+        self.holdings: dict[tuple[str, int], list[int | None]] = {}
         self.notes: list[str] = []
 
     def free_up(self, module: int) -> list[int]:
@@ -261,7 +271,7 @@ def _by_param_map(state: _Pairing, param_map: Mapping[str, Any]) -> None:
                     "unverified", detail=f"fused into {target} with {len(parts)} of {fused_total[target]} parts "
                     "present in the upstream model; slices unknown"))
             continue
-        _link_fused(state, order, target_row, fused_on="port")
+        _link_fused(state, order, target_row, fused_on="port", expected="the param map's merge order")
 
 
 # -- stages 2 and 3: the alignment -------------------------------------------------------
@@ -356,13 +366,9 @@ def _fused_group(state: _Pairing, ups: list[int], ports: list[int]) -> None:
         return
     fused_side = state.port if fused_on == "port" else state.up
     parts_side = state.up if fused_on == "port" else state.port
-    if parts != sorted(parts):
-        names = ", ".join(_display(parts_side.table.names[m]) for m in parts)
-        defined = ", ".join(_display(parts_side.table.names[m]) for m in sorted(parts))
-        state.notes.append(
-            f"{_display(fused_side.table.names[fused_module])} concatenates {names} in that order (inferred from "
-            f"the values), not in the {parts_side.label}'s definition order ({defined}); if unintended that is a "
-            "swap, which only a parameter map can tell")
+    # The aligner stacks the parts in the order their values fit; judged in their natural
+    # order instead, pieces the conversion swapped show up as swapped.
+    parts, expected = natural_order(parts_side, parts)
     fused_free = state.free_port if fused_on == "port" else state.free_up
     parts_free = state.free_up if fused_on == "port" else state.free_port
     for row in fused_free(fused_module):
@@ -378,11 +384,31 @@ def _fused_group(state: _Pairing, ups: list[int], ports: list[int]) -> None:
             whole = fused_side.shape(row)
             if shapes and all(len(s) == len(whole) and len(s) > 0 and s[1:] == whole[1:] for s in shapes) \
                     and sum(s[0] for s in shapes) == whole[0]:
-                _link_fused(state, pieces, row, fused_on=fused_on)
+                _link_fused(state, pieces, row, fused_on=fused_on, expected=expected)
 
 
-def _link_fused(state: _Pairing, pieces: list[int], fused_row: int, *, fused_on: str) -> None:
-    """One link per piece; each piece is compared with its rows of the fused tensor."""
+def natural_order(side: ParamSide, modules: list[int]) -> tuple[list[int], str]:
+    """The order a fused tensor should stack ``modules`` (parts of one fused module) in, and what says so.
+
+    The values fit whatever order the conversion used, so they cannot tell a
+    ``cat(q, v, k)`` from a deliberate layout; the parts' role names can (``q``,
+    ``k``, ``v``; ``query``, ``key``, ``value``; ``gate``, ``up``, with ``to_``,
+    ``w`` and ``_proj`` affixes), else their definition order. A port that stacks
+    its pieces in another order on purpose says so with its parameter map.
+    """
+    locals_ = [side.table.names[m].rsplit(".", 1)[-1].lower() for m in modules]
+    for regex in _ROLES:
+        found = [regex.match(name) for name in locals_]
+        ranks = [_ROLE_RANK[m.group(1)] for m in found if m is not None]
+        if len(ranks) == len(modules) and len(set(ranks)) == len(ranks):
+            order = [m for _, m in sorted(zip(ranks, modules, strict=True))]
+            names = ", ".join(side.table.names[m].rsplit(".", 1)[-1] for m in order)
+            return order, f"by the {side.label}'s module names {names}"
+    return sorted(modules), f"the {side.label}'s definition order"
+
+
+def _link_fused(state: _Pairing, pieces: list[int], fused_row: int, *, fused_on: str, expected: str = "") -> None:
+    """One link per piece; each piece is compared with its rows of the fused tensor (``expected``: why this order)."""
     parts_side = state.up if fused_on == "port" else state.port
     fused_side = state.port if fused_on == "port" else state.up
     shapes = [parts_side.shape(r) for r in pieces]
@@ -400,9 +426,11 @@ def _link_fused(state: _Pairing, pieces: list[int], fused_row: int, *, fused_on:
             rows = (start, start + shapes[k][0])
             start += shapes[k][0]
         if fused_on == "port":
-            state.link(row, fused_row, port_rows=rows, pieces=pieces, piece=k, fused_side="port", verdict=verdict)
+            state.link(row, fused_row, port_rows=rows, pieces=pieces, piece=k, fused_side="port", verdict=verdict,
+                       expected=expected)
         else:
-            state.link(fused_row, row, up_rows=rows, pieces=pieces, piece=k, fused_side="upstream", verdict=verdict)
+            state.link(fused_row, row, up_rows=rows, pieces=pieces, piece=k, fused_side="upstream", verdict=verdict,
+                       expected=expected)
     # A fused row is shared by its pieces; mark it taken once all are linked.
     (state.used_port if fused_on == "port" else state.used_up).add(fused_row)
 
@@ -415,9 +443,8 @@ def _fused_leftovers(state: _Pairing, *, fused_on: str) -> None:
 
     Candidates are the unpaired children of the other side's counterpart of the
     fused module's parent (``self_attn.q``/``k``/``v`` for ``attn1.to_qkv``). A
-    unique set whose tensors stack along dim 0 into the fused ones is taken; the
-    order is the one under which most pieces hold the same values, else the
-    definition order.
+    unique set whose tensors stack along dim 0 into the fused ones is taken, in
+    its natural order (:func:`natural_order`), so swapped pieces are judged as such.
     """
     fused_side = state.port if fused_on == "port" else state.up
     parts_side = state.up if fused_on == "port" else state.port
@@ -448,10 +475,10 @@ def _fused_leftovers(state: _Pairing, *, fused_on: str) -> None:
         if len(fits) != 1:
             continue
         combo, pieces = fits[0]
-        order = _best_order(state, fused_side, rows, parts_side, combo, fused_on)
+        order, expected = natural_order(parts_side, combo)
         for row in rows:
             by_module = dict(zip(combo, pieces[row], strict=True))
-            _link_fused(state, [by_module[m] for m in order], row, fused_on=fused_on)
+            _link_fused(state, [by_module[m] for m in order], row, fused_on=fused_on, expected=expected)
 
 
 def _stacking_pieces(fused_side: ParamSide, rows: list[int], parts_side: ParamSide,
@@ -474,22 +501,6 @@ def _stacking_pieces(fused_side: ParamSide, rows: list[int], parts_side: ParamSi
     if sum(len(parts_side.rows_of[m]) for m in combo) != len(rows) * len(combo):
         return None
     return out
-
-
-def _best_order(state: _Pairing, fused_side: ParamSide, rows: list[int], parts_side: ParamSide,
-                combo: list[int], fused_on: str) -> list[int]:
-    """The concatenation order under which most pieces hold the same values (definition order on ties)."""
-    best, best_score = list(combo), -1
-    for order in itertools.permutations(combo):
-        score = 0
-        for row in rows:
-            pieces = [next(r for r in parts_side.rows_of[m] if parts_side.local(r) == fused_side.local(row))
-                      for m in order]
-            verdicts = compare_fused([parts_side.fingerprint(r) for r in pieces], fused_side.fingerprint(row))
-            score += sum(v.status in SAME_VALUES for v in verdicts)
-        if score > best_score:
-            best, best_score = list(order), score
-    return best
 
 
 def _padded_leftovers(state: _Pairing) -> None:
@@ -729,10 +740,17 @@ def _verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: bool) -
             b = b[link.port_rows[0]:link.port_rows[1]]
         if link.up_rows is not None:
             a = a[link.up_rows[0]:link.up_rows[1]]
+        holds = None
+        if link.pieces is not None and not tensors_close(a, b, rtol=rtol):
+            holds = _holdings(state, link, rtol)
+            if _traded(holds, link.piece):
+                return Verdict("swapped", detail=_swap_detail(state, link, holds))
         verdict = compare_tensors(a, b, rtol=rtol)
         if link.pieces is not None:
             fused = port.full[p] if link.fused_side == "port" else up.full[u]
-            swapped = _swapped_with(state, link, a, b) if verdict.status == "different" else None
+            other = holds[link.piece] if holds is not None and verdict.status == "different" else None
+            pieces_side = up if link.fused_side == "port" else port
+            swapped = pieces_side.full[link.pieces[other]] if other is not None and other != link.piece else ""
             verdict = Verdict(verdict.status, verdict.max_abs, verdict.rel, verdict.scale,
                               _join(f"slice of fused {fused}", verdict.detail,
                                     f"it holds {swapped}'s values (pieces swapped?)" if swapped else ""))
@@ -746,6 +764,9 @@ def _verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: bool) -
                 [pieces_side.fingerprint(r) for r in link.pieces], fused_side.fingerprint(fused_row), rtol=rtol,
                 fused_name=fused_side.full[fused_row], piece_names=[pieces_side.full[r] for r in link.pieces])
         found = state.fused_verdicts[key][link.piece]
+        if found.status == "swapped":
+            holds = [v.holds if v.status == "swapped" else k for k, v in enumerate(state.fused_verdicts[key])]
+            return Verdict("swapped", detail=_swap_detail(state, link, holds))
         if link.fused_side == "upstream" and found.scale:
             # Judged as port piece against the upstream slice; read it the other way round.
             return Verdict(found.status, found.max_abs, found.rel, 1.0 / found.scale, found.detail)
@@ -764,19 +785,78 @@ def _padded_verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: 
     return compare_padded_fingerprints(state.up.fingerprint(u), state.port.fingerprint(p), rtol=rtol)
 
 
-def _swapped_with(state: _Pairing, link: _Link, a: Any, b: Any) -> str | None:
-    """The name of another piece of the same fused tensor whose values this slice holds, if any."""
+def _slots(side: ParamSide, pieces: list[int]) -> list[tuple[int, int]]:
+    """Rows of the fused tensor each piece occupies, in concatenation order."""
+    out, start = [], 0
+    for row in pieces:
+        out.append((start, start + side.shape(row)[0]))
+        start = out[-1][1]
+    return out
+
+
+def _holdings(state: _Pairing, link: _Link, rtol: float | None) -> list[int | None]:
+    """Per slot of a fused tensor, the piece whose values it holds, from the tensors (once per fused tensor).
+
+    Its own piece when equal to it (within tolerance), else the piece of the same
+    shape it equals, else None (a scaled or re-initialised slice).
+    """
     assert link.pieces is not None
-    pieces_side = state.up if link.fused_side == "port" else state.port
-    mine = link.pieces[link.piece]
-    for other in link.pieces:
-        if other == mine or pieces_side.shape(other) != pieces_side.shape(mine):
-            continue
-        tensor = pieces_side.tensors[other]  # type: ignore[index]
-        found = compare_tensors(tensor, b, rtol=None) if link.fused_side == "port" else compare_tensors(a, tensor)
-        if found.status in ("identical", "close"):
-            return pieces_side.full[other]
-    return None
+    on_port = link.fused_side == "port"
+    fused_row = link.port if on_port else link.up
+    assert fused_row is not None
+    key = (link.fused_side, fused_row)
+    if key in state.holdings:
+        return state.holdings[key]
+    pieces_side, fused_side = (state.up, state.port) if on_port else (state.port, state.up)
+    whole = fused_side.tensors[fused_row]  # type: ignore[index]
+    tensors = [pieces_side.tensors[r] for r in link.pieces]  # type: ignore[index]
+
+    def same(piece: Any, part: Any) -> bool:  # upstream first: tolerances are relative to the reference
+        return tensors_close(piece, part, rtol=rtol) if on_port else tensors_close(part, piece, rtol=rtol)
+
+    holds: list[int | None] = []
+    for k, (start, stop) in enumerate(_slots(pieces_side, link.pieces)):
+        part = whole[start:stop]
+        order = [k] + [j for j in range(len(tensors)) if j != k]
+        holds.append(next((j for j in order if same(tensors[j], part)), None))
+    state.holdings[key] = holds
+    return holds
+
+
+def _traded(holds: list[int | None], piece: int) -> bool:
+    """Whether slot ``piece`` holds another piece, and the misplaced slots hold each other's pieces."""
+    return holds[piece] not in (None, piece) and is_permutation(dict(enumerate(holds)))
+
+
+def _swap_detail(state: _Pairing, link: _Link, holds: list[int | None]) -> str:
+    """What a swapped slice holds, where its own piece went, and both stacking orders.
+
+    ``holds[k]`` is the piece whose values slot ``k`` of the fused tensor holds.
+    """
+    assert link.pieces is not None
+    on_port = link.fused_side == "port"
+    pieces_side, fused_side = (state.up, state.port) if on_port else (state.port, state.up)
+    fused_row = link.port if on_port else link.up
+    assert fused_row is not None
+    slots = _slots(pieces_side, link.pieces)
+    roles = [pieces_side.module_of(r).rsplit(".", 1)[-1] for r in link.pieces]
+    k = link.piece
+    stacked = ", ".join(roles[i if j is None else j] for i, j in enumerate(holds))  # a changed slice stays put
+    basis = f" ({link.expected})" if link.expected else ""
+    rows = lambda i: f"rows {slots[i][0]}:{slots[i][1]}"  # noqa: E731
+    if on_port:
+        # Port slot k holds upstream piece holds[k]; upstream piece k's values sit in the slot that holds k.
+        j, home = holds[k], holds.index(k)
+        assert j is not None
+        return (f"holds upstream {pieces_side.full[link.pieces[j]]} where upstream "
+                f"{pieces_side.full[link.pieces[k]]} belongs ({roles[k]} is in {rows(home)}); the conversion "
+                f"concatenated {stacked}, not {', '.join(roles)}{basis}")
+    # Upstream slot i went to port piece holds[i]: port piece k holds the slot whose holder is k.
+    source = holds.index(k)
+    fused = fused_side.full[fused_row]
+    return (f"holds upstream {fused}[{slots[source][0]}:{slots[source][1]}] ({roles[source]}) where upstream "
+            f"{fused}[{slots[k][0]}:{slots[k][1]}] belongs; the conversion split it into {stacked}, not "
+            f"{', '.join(roles)}{basis}")
 
 
 def _slice_shape(shape: tuple[int, ...] | None, rows: tuple[int, int] | None) -> tuple[int, ...] | None:

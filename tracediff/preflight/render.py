@@ -101,4 +101,5 @@ def _finding_text(row: ParamCheck) -> str:
     text = row.describe()
     up = f"upstream {row.upstream_label}"
     return text.replace(f" vs {up}", "").replace(f" from {up}", "").replace(f" to {up}", "").replace(
+        f" where {up} belongs", "").replace(
         f"holds {up} transposed", "holds upstream's transpose").replace(f"same values as {up}", "same values")

@@ -21,6 +21,7 @@ ParamStatus = Literal[
     "reshaped",
     "scaled",
     "permuted",
+    "swapped",
     "different",
     "shape_mismatch",
     "missing_in_port",
@@ -38,6 +39,7 @@ PARAM_STATUSES: tuple[str, ...] = (
     "reshaped",
     "scaled",
     "permuted",
+    "swapped",
     "different",
     "shape_mismatch",
     "missing_in_port",
@@ -66,6 +68,7 @@ STATUS_WORDS: dict[str, str] = {
     "reshaped": "reshaped",
     "scaled": "scaled",
     "permuted": "permuted",
+    "swapped": "swapped pieces",
     "different": "different",
     "shape_mismatch": "shape-mismatched",
     "missing_in_port": "missing in port",
@@ -180,6 +183,8 @@ class ParamCheck:
             return f"scaled by {_factor(self.scale)} vs {up} ({numbers}){extra}"
         if status == "permuted":
             return f"same values as {up}, different order (permutation?){extra}"
+        if status == "swapped":
+            return "swapped pieces: " + (self.detail or f"holds another piece of the fused tensor, not {up}")
         if status == "different":
             if self.max_abs is None and self.rel is None:
                 return f"different from {up}" + (f": {self.detail}" if self.detail else "")
