@@ -79,6 +79,51 @@ def names_predicate(names: NamesFilter, *, source: str = "layers") -> Callable[[
     return lambda name: name in wanted
 
 
+def check_layers_match(names: Sequence[str], layers: str | None, *, side: str, source: str) -> None:
+    """Refuse a layer regex that selects none of a side's modules, before a trace of nothing is written.
+
+    The two sides of a port name their modules differently by definition (``blocks.3``
+    upstream, ``transformer_blocks.3`` in the port), so one regex for both often fits
+    one side only; the message names the side, shows its real names and the per-side flag.
+
+    Args:
+        names: the side's module names (``named_modules()``; the root ``""`` is ignored).
+        layers: the regex (``re.search``); empty or ``None`` selects everything.
+        side: ``upstream`` or ``port``.
+        source: the spec field the regex came from (``[trace] layers`` or ``[port] layers``).
+
+    Raises:
+        TraceConfigError: the regex does not compile, or matches no module of the side.
+    """
+    if not layers:
+        return
+    predicate = names_predicate(layers, source=source)
+    modules = [name for name in names if name]
+    if any(predicate(name) for name in modules):
+        return
+    shown = ", ".join(example_names(modules)) or "(it has no submodules)"
+    flag = f"--{side}-layers"
+    if source == "[trace] layers":
+        hint = f"the sides' names differ: give the {side} its own regex with {flag} (or [{side}] layers)"
+    else:
+        hint = f"fix {flag} (or [{side}] layers), or leave it empty to trace every module"
+    raise TraceConfigError(f"{source}='{layers}' matches no module of the {side} model "
+                           f"({len(modules)} modules, e.g. {shown}); {hint}")
+
+
+def example_names(names: Sequence[str], limit: int = 6) -> list[str]:
+    """A few module names worth showing: the first of each repeated list (``blocks.0``), then top-level ones."""
+    numbered: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, last = name.rpartition(".")
+        if last.isdigit():
+            numbered.setdefault(parent, []).append(name)
+    repeated = sorted((group for group in numbered.values() if len(group) > 1), key=len, reverse=True)
+    picks = [group[0] for group in repeated[:1]]
+    picks += [name for name in names if "." not in name and name not in picks]
+    return picks[:limit]
+
+
 def parse_bool(value: str | None, *, source: str = ENV_ACTIVATIONS, default: bool = False) -> bool:
     """FastVideo's master switch: unset or empty is ``default`` (off), ``0`` is off."""
     if value is None or not value.strip():

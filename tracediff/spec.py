@@ -48,6 +48,8 @@ _SIDE_FIELDS = [
                      "(FastVideo: set_forward_context); entered around each call, bisection's included"),
     ("device", str, "device for this side (overrides [run] device)"),
     ("dtype", str, "dtype for this side (overrides [run] dtype)"),
+    ("layers", str, "regex of this side's module names to trace (overrides [trace] layers; the sides' names "
+                    "usually differ)"),
 ]
 
 FIELDS: list[Field] = [
@@ -64,7 +66,8 @@ FIELDS: list[Field] = [
     Field("tolerance", "preset", str, "--preset", "tolerance preset (see docs/tolerance.md)"),
     Field("tolerance", "atol", float, "--atol", "absolute tolerance (with --rtol, instead of a preset)"),
     Field("tolerance", "rtol", float, "--rtol", "relative tolerance"),
-    Field("trace", "layers", str, "--layers", "regex of module names to trace (default: all)"),
+    Field("trace", "layers", str, "--layers", "regex of module names to trace on both sides (default: all); "
+          "--upstream-layers/--port-layers set one side's"),
     Field("trace", "stats", str, "--stats", f"comma list of stats (default {DEFAULT_STATS})"),
     Field("trace", "steps", str, "--trace-steps", "steps to record, e.g. '0,2-4' (default: all)"),
     Field("trace", "sample_size", int, "--sample-size", "elements kept per tensor by the sample stat"),
@@ -92,6 +95,8 @@ class SideSpec:
     context: str | None = None
     device: str | None = None
     dtype: str | None = None
+    #: this side's layer regex; ``None`` follows ``[trace] layers``, ``""`` traces every module
+    layers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,11 @@ class RunSpec:
 
     def side(self, name: str) -> SideSpec:
         return self.upstream if name == "upstream" else self.port
+
+    def layers_for(self, name: str) -> tuple[str, str]:
+        """A side's layer regex and the spec field it came from: ``[SIDE] layers``, else ``[trace] layers``."""
+        own = self.side(name).layers
+        return (own, f"[{name}] layers") if own is not None else (self.layers, "[trace] layers")
 
     def validate(self) -> RunSpec:
         """Check what every run needs; return self for chaining.

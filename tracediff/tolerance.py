@@ -18,8 +18,14 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from tracediff.errors import DiffError
+
+if TYPE_CHECKING:  # the diff imports this module; these are for annotations only
+    from tracediff.alignment import Alignment
+    from tracediff.diff import DiffResult
+    from tracediff.trace import Trace
 
 _FIELDS = ("atol", "rtol", "stat_rtol", "abs_mean_limit")
 
@@ -156,6 +162,74 @@ def preset(name: str) -> Tolerance:
         return PRESETS[name]
     except KeyError:
         raise DiffError(f"unknown tolerance preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+#: Float dtypes at which the ``fp32`` preset is the honest yardstick (float64 parts, e.g. rotary tables, are fine).
+FP32_DTYPES = frozenset(("float32", "float64"))
+
+
+def looser_than(tolerance: Tolerance, reference: Tolerance) -> bool:
+    """Every knob of ``tolerance`` at least ``reference``'s and one of them larger (overrides ignored)."""
+    mine = (tolerance.atol, tolerance.rtol, tolerance.stat_limit)
+    theirs = (reference.atol, reference.rtol, reference.stat_limit)
+    pairs = list(zip(mine, theirs, strict=True))
+    return all(a >= b for a, b in pairs) and any(a > b for a, b in pairs)
+
+
+def ran_in_fp32(dtypes: Iterable[str]) -> bool:
+    """Whether a run's recorded floating dtypes (both sides) are float32, with no half-precision anywhere."""
+    floats = {name.removeprefix("torch.") for name in dtypes if "float" in name or "half" in name}
+    return "float32" in floats and floats <= FP32_DTYPES
+
+
+def fp32_note(tolerance: Tolerance, *, dtypes: Iterable[str], passed: tuple[str, float] | None) -> str | None:
+    """The line that says a loose preset hid an fp32 difference, or ``None``.
+
+    A preset chosen for a bf16 or cross-kernel scope (``dit-aligned``, ``dit-bf16``...)
+    hides real bugs when both sides actually ran in float32: a wrong GELU variant is
+    ~50x the fp32 tolerance and still "no drift" under ``dit-aligned``. The run then
+    says so instead of exiting 0 in silence.
+
+    Args:
+        tolerance: what the run applied.
+        dtypes: the floating dtypes recorded on both sides.
+        passed: the first record the ``fp32`` preset flags that ``tolerance`` passed, as
+            (module name, its fp32 ``ratio``); ``None`` when there is none.
+    """
+    reference = PRESETS[DEFAULT_PRESET]
+    if passed is None or not looser_than(tolerance, reference) or not ran_in_fp32(dtypes):
+        return None
+    module, ratio = passed
+    chosen = f"preset {tolerance.name}" if tolerance.name != "custom" else (
+        f"tolerance atol {_num(tolerance.atol)}, rtol {_num(tolerance.rtol)}")
+    times = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
+    return (f"note: {chosen} passed {module}, which the {reference.name} preset flags ({times}\u00d7 its tolerance); "
+            f"both sides ran in float32 \u2014 use preset = \"{reference.name}\" for an fp32 parity test")
+
+
+def fp32_note_for(upstream: Trace, port: Trace, alignment: Alignment, result: DiffResult) -> str | None:
+    """:func:`fp32_note` for a finished diff: re-diff under ``fp32`` only when the note could apply.
+
+    The extra diff runs only for a tolerance looser than ``fp32`` on traces recorded in float32.
+    """
+    tolerance = result.tolerance
+    if not looser_than(tolerance, PRESETS[DEFAULT_PRESET]) or not ran_in_fp32([*upstream.records.dtypes,
+                                                                                 *port.records.dtypes]):
+        return None
+    from tracediff.diff import diff_traces
+
+    try:
+        strict = diff_traces(upstream, port, alignment, tolerance=PRESETS[DEFAULT_PRESET], fail_on=result.fail_on)
+    except DiffError:
+        return None
+    flagged, chosen = strict.first_drift, result.first_drift
+    if flagged is None or flagged.kind != "drift" or flagged.row is None:
+        return None
+    key = (flagged.step, flagged.call, flagged.label, flagged.port)
+    if chosen is not None and (chosen.step, chosen.call, chosen.label, chosen.port) == key:
+        return None  # the chosen tolerance flags the very same record
+    return fp32_note(tolerance, dtypes=[*upstream.records.dtypes, *port.records.dtypes],
+                     passed=(flagged.culprit or flagged.port or "?", flagged.row.ratio))
 
 
 def parse_override(text: str) -> Override:
