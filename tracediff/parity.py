@@ -148,6 +148,7 @@ def make_pair(upstream: nn.Module, port: nn.Module, inputs: Any, *, atol: float 
               port_call: CallFn | str | None = None, context: ContextFn | None = None,
               upstream_context: ContextFn | None = None, port_context: ContextFn | None = None) -> PairSpec:
     """Validate the arguments of ``parity.compare``/``parity.register`` into a :class:`PairSpec`."""
+    __tracebackhide__ = True  # a bad argument is reported at the test's call, not inside tracediff
     for name, model in (("upstream", upstream), ("port", port)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"parity: {name} must be a torch.nn.Module, got {type(model).__name__}")

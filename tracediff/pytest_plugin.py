@@ -92,6 +92,7 @@ class Parity:
         Options: ``atol``/``rtol`` or ``preset``, ``map``, ``param_map``, ``call``
         (method name or ``fn(model, inputs)``), ``upstream_call``, ``port_call``.
         """
+        __tracebackhide__ = True  # the failure points at the test's own parity.compare line, not at this frame
         from tracediff.parity import compare_outputs, diagnose, make_pair
 
         pair = make_pair(upstream, port, inputs, **options)
@@ -106,6 +107,7 @@ class Parity:
 
     def register(self, upstream: Any, port: Any, inputs: Any, **options: Any) -> None:
         """Diagnose this pair if the test fails for any reason (its own ``assert_close`` included)."""
+        __tracebackhide__ = True
         from tracediff.parity import make_pair
 
         self._item.stash.setdefault(PAIRS, []).append(make_pair(upstream, port, inputs, **options))

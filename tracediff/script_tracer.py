@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
+import json
 import os
 import re
 import runpy
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tracediff.config import ENV_INPUTS, TraceConfig, parse_bool
-from tracediff.errors import TracediffError
+from tracediff.config import ENV_INPUTS, ENV_STATS, TraceConfig, parse_bool
+from tracediff.errors import TracediffError, debug_enabled, describe_user_error
 from tracediff.hooks import TraceHandle, attach
+from tracediff.spec import DEFAULT_STATS
 
 _depth = threading.local()
 
@@ -76,7 +80,8 @@ class ScriptTracer:
             recorder.begin_call(module, args, {}, record_inputs=False)
             self._late_inputs.add(id(module))
 
-    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any = None) -> None:
+        # (torch calls an always_call hook without the output when the forward raised)
         _depth.value = max(getattr(_depth, "value", 1) - 1, 0)
         if id(module) in self._late_inputs:
             self._late_inputs.discard(id(module))
@@ -98,27 +103,36 @@ class ScriptTracer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the script traced; report how it ended in ``--status`` (for ``tracediff run``) and the exit code."""
     parser = argparse.ArgumentParser(prog="python -m tracediff.script_tracer")
     parser.add_argument("--side", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--model-class", default=None)
+    parser.add_argument("--status", type=Path, default=None, help="JSON file telling the parent how the script ended")
+    parser.add_argument("--layers", default=None)
+    parser.add_argument("--stats", default=None)
+    parser.add_argument("--trace-steps", default=None)
+    parser.add_argument("--sample-size", default=None)
+    parser.add_argument("--trace-inputs", default=None)
     parser.add_argument("target", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     target = [item for item in args.target if item != "--"] if args.target[:1] == ["--"] else args.target
+    report = _Status(args.status)
     try:
-        # Module inputs are on, as in every other ``run`` mode, unless TRACEDIFF_TRACE_INPUTS says otherwise.
-        inputs = parse_bool(os.environ.get(ENV_INPUTS), source=ENV_INPUTS, default=True)
-        config = TraceConfig.from_env(enabled=True, inputs=inputs)
         tracer = ScriptTracer(
             side=args.side,
             out_dir=args.out,
-            config=config,
+            config=script_config(args),
             model_filter=re.compile(args.model_class) if args.model_class else None,
         )
     except TracediffError as exc:
-        print(f"tracediff run: error: {exc}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+        return report.error(str(exc))
+    except re.error as exc:
+        return report.error(f"--model-class {args.model_class!r} is not a valid Python regex ({exc})")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return report.error(f"--out {str(args.out)!r}: cannot create the folder ({exc.strerror or exc})")
     tracer.install()
     sys.argv = list(target)
     try:
@@ -129,11 +143,73 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(Path(target[0]).resolve().parent))
             runpy.run_path(target[0], run_name="__main__")
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return code
+        if exc.code is None or isinstance(exc.code, int):
+            return report.exit(exc.code or 0)
+        print(exc.code, file=sys.stderr)  # sys.exit("message"): Python prints it and exits 1
+        return report.exit(1)
+    except KeyboardInterrupt:
+        report.exit(130)
+        raise
+    except TracediffError as exc:  # raised by tracediff's own hooks while the script ran (e.g. attach refused)
+        if debug_enabled():
+            traceback.print_exc()
+        return report.error(str(exc))
+    except Exception as exc:
+        if debug_enabled():
+            traceback.print_exc()
+        return report.raised(describe_user_error(exc))
     finally:
         tracer.close()
-    return 0
+    return report.exit(0)
+
+
+def script_config(args: argparse.Namespace) -> TraceConfig:
+    """The trace settings of ``tracediff run``'s flags; then ``FASTVIDEO_TRACE_*``; then ``run``'s defaults.
+
+    Script mode records what every other ``run`` mode records by default (the stats of
+    ``tracediff.spec.DEFAULT_STATS``, module inputs), not FastVideo's two stats.
+    """
+    inputs = (parse_bool(args.trace_inputs, source="--trace-inputs") if args.trace_inputs is not None
+              else parse_bool(os.environ.get(ENV_INPUTS), source=ENV_INPUTS, default=True))
+    stats = args.stats if args.stats is not None else (os.environ.get(ENV_STATS) or DEFAULT_STATS)
+    overrides: dict[str, Any] = {"enabled": True, "inputs": inputs, "stats": stats}
+    if args.layers is not None:
+        overrides["layers"] = args.layers or None
+    if args.trace_steps is not None:
+        overrides["steps"] = args.trace_steps
+    if args.sample_size is not None:
+        overrides["sample_size"] = args.sample_size
+    config = TraceConfig.from_env(**overrides)
+    if args.layers:
+        config = dataclasses.replace(config, layers_source="--layers")
+    return config
+
+
+class _Status:
+    """How the traced script ended, written for ``tracediff run``; the exit code is 2 for any failure."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def _write(self, **data: Any) -> None:
+        if self.path is not None:
+            self.path.write_text(json.dumps(data))
+
+    def exit(self, code: int) -> int:
+        self._write(outcome="exit", code=code)
+        return code
+
+    def raised(self, message: str) -> int:
+        self._write(outcome="raised", message=message)
+        if self.path is None:
+            print(f"tracediff run: error: the traced script raised {message}", file=sys.stderr)
+        return 2
+
+    def error(self, message: str) -> int:
+        self._write(outcome="error", message=message)
+        if self.path is None:
+            print(f"tracediff run: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from tracediff.align import align, alignment_to_dict, coverage, write_mapping
 from tracediff.alignment import Alignment
+from tracediff.commands import command_parser
 from tracediff.errors import AlignmentError
 from tracediff.store.reader import open_trace
 
@@ -19,7 +20,8 @@ _SOURCE_STYLE = {"root": "green", "map": "green", "param_map": "green", "fingerp
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "align",
         help="pair upstream modules with port modules (mapping, parameter map, weights, structure)",
         description=(
@@ -27,6 +29,13 @@ def register(subparsers: Any) -> None:
             "trace files alone (weight fingerprints and execution order), helped by an explicit mapping "
             "file or the port's checkpoint param_names_mapping."
         ),
+        examples=[
+            ("tracediff align out/upstream.h5 out/port.h5", "which upstream module is which port module, and why"),
+            ("tracediff align up.h5 port.h5 --write map.toml",
+             "save the pairing as a mapping file to correct by hand, then pass it back with --map map.toml"),
+            ("tracediff align up.h5 port.h5 --param-map tracediff.demo.convert:PARAM_NAMES_MAPPING --json",
+             "use the port's checkpoint mapping; print JSON"),
+        ],
     )
     parser.add_argument("upstream", help="trace (.h5) of the upstream reference")
     parser.add_argument("port", help="trace (.h5) of the port")

@@ -18,15 +18,22 @@ import argparse
 import sys
 from typing import Any
 
+from tracediff.commands import command_parser
 from tracediff.commands.run import DEMO_CHOICES, add_spec_flags
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "bisect",
         help="find the module and operator where the port first adds error (teacher forcing + drill-down)",
-        description=__doc__.split("\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n", 1)[1] if __doc__ else "",
+        examples=[
+            ("tracediff bisect --demo", "the demo's planted bug: the module and the operator, with its source line"),
+            ("tracediff bisect parity.toml", "your own pair, from the run spec you gave tracediff run"),
+            ("tracediff bisect parity.toml --step 2 --noise-floor",
+             "bisect step 2; judge each module's error against its own bf16 noise floor"),
+        ],
     )
     parser.add_argument("target", nargs="*", metavar="SPEC", help="run spec (TOML); see docs/run-spec.md")
     parser.add_argument("--demo", nargs="?", const="gelu_tanh", choices=DEMO_CHOICES, metavar="BUG",
@@ -40,6 +47,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--noise-factor", type=float, metavar="X",
                         help="with --noise-floor: a module drifts above X times its floor (default 4)")
     parser.add_argument("--max-depth", type=int, metavar="N", help="stop after N levels below the top")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="keep the upstream outputs used for teacher forcing in CPU memory, not on the GPU: "
+                             "for a pair that barely fits (same passes and result, slower by the copies)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the terminal view")
     add_spec_flags(parser)
     parser.set_defaults(func=run)
@@ -58,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"--max-depth {args.max_depth} must be >= 0")
     spec = spec_from_args(args)
     result = bisect_spec(spec, step=args.step, noise_floor=args.noise_floor,
-                         noise_factor=args.noise_factor or DEFAULT_NOISE_FACTOR, max_depth=args.max_depth)
+                         noise_factor=args.noise_factor or DEFAULT_NOISE_FACTOR, max_depth=args.max_depth,
+                         low_memory=args.low_memory)
     print_result(result, as_json=args.json)
     return 0 if result else 1
 

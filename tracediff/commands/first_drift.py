@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tracediff.commands import command_parser
 from tracediff.diff import DEFAULT_FAIL_ON, KINDS, diff_traces
 from tracediff.errors import DiffError
 from tracediff.report import render_terminal, to_json, write_html
@@ -26,7 +27,8 @@ EXIT_OK, EXIT_DRIFT = 0, 1
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "first-drift",
         help="find the first layer where the port drifts from upstream",
         description=(
@@ -34,6 +36,15 @@ def register(subparsers: Any) -> None:
             "execution order and report the first record that breaks tolerance. Exit code 0: no drift; "
             "1: drift found; 2: usage or input error."
         ),
+        examples=[
+            ("tracediff first-drift out/upstream.h5 out/port.h5", "the first drifting layer, default tolerance"),
+            ("tracediff first-drift upstream.h5 /tmp/port.jsonl --preset dit-bf16",
+             "against a FastVideo JSONL trace, with a bf16 tolerance preset"),
+            ("tracediff first-drift up.h5 port.h5 --param-map my_port.convert:param_names_mapping --html r.html",
+             "help the aligner with the port's checkpoint mapping; also write an HTML report"),
+            ("tracediff first-drift up.h5 'port-rank*.h5' --shard-dim 'attn=1'",
+             "per-rank traces of a tensor-parallel port, merged on the fly"),
+        ],
     )
     parser.add_argument(
         "upstream",

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tracediff.commands import command_parser
 from tracediff.merge import DEFAULT_REPLICA_RTOL, merge_files
 from tracediff.store.load import rank_trace_paths
 from tracediff.trace import Trace
@@ -22,7 +23,8 @@ SHOWN = 10
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "merge",
         help="merge the per-rank traces of a tensor-/sequence-parallel run into one trace",
         description=(
@@ -30,6 +32,13 @@ def register(subparsers: Any) -> None:
             "replicated tensors are checked for equality across ranks. Exit code 0: merged; 1: merged, but a "
             "replicated tensor differs across ranks; 2: usage or input error. See docs/distributed.md."
         ),
+        examples=[
+            ("tracediff merge traces/port-rank*.h5 -o port.h5", "one trace of the whole model from every rank's"),
+            ("tracediff merge traces/ -o port.h5 --like upstream.h5",
+             "a folder of rank traces; shards found by comparing with the unsharded upstream trace"),
+            ("tracediff merge traces/ -o port.h5 --shard-dim 'mlp\\.fc1=-1' --shard-dim 'norm=replicated'",
+             "declare how modules are split when shapes alone cannot tell"),
+        ],
     )
     parser.add_argument("traces", nargs="+", help="per-rank trace files, folders or glob patterns")
     parser.add_argument("-o", "--output", required=True, metavar="MERGED.h5", help="merged trace to write")

@@ -11,17 +11,26 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from tracediff.commands import command_parser
 from tracediff.errors import TraceConfigError
+from tracediff.report import failure_lines, wide_console
 from tracediff.store.reader import open_trace
 from tracediff.trace import Trace
+from tracediff.vocabulary import number
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "show",
         help="summarise a trace file (side, model, steps, modules, records, stats)",
         description="Summarise a tracediff HDF5 trace, then list its traced modules.",
+        examples=[
+            ("tracediff show out/port.h5", "side, model, steps, stats, and the first 40 traced modules"),
+            ("tracediff show out/port.h5 --module 'blocks\\.2\\.' --limit 0", "every traced module of block 2"),
+        ],
     )
     parser.add_argument("trace", help="trace file (.h5) written by the recorder")
     parser.add_argument("--module", metavar="REGEX", help="only list modules whose name matches (re.search)")
@@ -66,7 +75,7 @@ def summarise(trace: Trace) -> dict[str, Any]:
         "records": len(records),
         "stats": list(config.get("stats", [])),
         "layers": config.get("layers", ""),
-        "failures": trace.meta.get("failures", {}),
+        "failures": _failures(trace.meta.get("failures")),
         "stopped": str(trace.meta.get("stopped", "")),
     }
 
@@ -103,8 +112,9 @@ def module_rows(trace: Trace, pattern: re.Pattern[str] | None) -> list[dict[str,
     return rows
 
 
-def render(summary: dict[str, Any], rows: list[dict[str, Any]], *, limit: int) -> None:
-    console = Console()
+def render(summary: dict[str, Any], rows: list[dict[str, Any]], *, limit: int, console: Console | None = None) -> None:
+    """Print the summary and the module table; names are never cut (folded on a terminal, whole in a pipe)."""
+    console = console or wide_console(min_width=80)
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
@@ -128,21 +138,29 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]], *, limit: int) -
     console.print(head)
     if summary["stopped"]:
         console.print(f"stopped early: {summary['stopped']}", style="yellow", markup=False, highlight=False)
-    for name, error in summary["failures"].items():
-        console.print(f"[yellow]recording failed for {name!r}: {error}[/]")
+    for line in failure_lines({"": summary["failures"]}):
+        console.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)
     table = Table(title="records per module and tensor (first step's abs_mean)", title_justify="left")
     for column in ("module", "class", "tensor", "records", "calls", "shape", "dtype", "abs_mean"):
-        table.add_column(column, justify="right" if column in ("records", "calls", "abs_mean") else "left")
+        table.add_column(column, justify="right" if column in ("records", "calls", "abs_mean") else "left",
+                         overflow="fold")
     shown = rows if limit == 0 else rows[:limit]
     for row in shown:
         value = row["abs_mean"]
         table.add_row(
-            row["module"], row["class"], row["tensor"], str(row["records"]), str(row["calls"]),
-            "×".join(map(str, row["shape"])) or "()", row["dtype"], "-" if value is None else f"{value:.4g}",
+            Text(row["module"]), Text(row["class"]), Text(row["tensor"]), str(row["records"]), str(row["calls"]),
+            "×".join(map(str, row["shape"])) or "()", row["dtype"], number(value),
         )
     console.print(table)
     if len(rows) > len(shown):
         console.print(f"… {len(rows) - len(shown)} more rows (use --limit 0 or --module REGEX)")
+
+
+def _failures(value: Any) -> dict[str, str]:
+    """The trace's recording failures; anything but a name -> error mapping (a damaged attribute) reads as none."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(name): str(error) for name, error in value.items()}
 
 
 def _compile(pattern: str | None) -> re.Pattern[str] | None:

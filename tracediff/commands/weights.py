@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tracediff.alignment import Alignment
+from tracediff.commands import command_parser
 from tracediff.errors import AlignmentError, TraceFormatError
 from tracediff.store.load import load_trace
 
@@ -24,7 +25,8 @@ EXIT_OK, EXIT_FINDINGS = 0, 1
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "weights",
         help="check the port's weights and inputs against upstream's before blaming a layer",
         description=(
@@ -33,6 +35,12 @@ def register(subparsers: Any) -> None:
             "received, from the traces' fingerprints alone. Exit code 0: clean; 1: findings; 2: usage or "
             "input error."
         ),
+        examples=[
+            ("tracediff weights out/upstream.h5 out/port.h5",
+             "was every weight converted right, and did both models get the same inputs"),
+            ("tracediff weights up.h5 port.h5 --param-map my_port.convert:param_names_mapping --all",
+             "pair parameters by the port's checkpoint mapping and list identical ones too"),
+        ],
     )
     parser.add_argument("upstream", help="trace (.h5) of the upstream reference")
     parser.add_argument("port", help="trace (.h5) of the port")

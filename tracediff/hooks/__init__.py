@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,6 +68,16 @@ class TraceHandle:
     @property
     def records_written(self) -> int:
         return self._recorder.records_written if self._recorder is not None else 0
+
+    @property
+    def records_captured(self) -> int:
+        """Records captured so far, including the running step's (not yet written); read-only, for progress."""
+        return self._recorder._seq if self._recorder is not None else 0
+
+    @property
+    def untraced(self) -> dict[str, str]:
+        """Selected modules that could not be hooked (TorchScript, a module refusing hooks): name -> why."""
+        return dict(getattr(self._recorder, "untraced", {})) if self._recorder is not None else {}
 
     @property
     def failures(self) -> dict[str, str]:
@@ -157,6 +168,11 @@ def attach(
     path = resolve_output(with_rank_placeholder(template, world), side=side, rank=rank)
     source = "output" if output is not None else ENV_OUTPUT
     check_output_writable(path, source=source)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceConfigError(
+            f"attach(model=...): {type(model).__name__} is a torch.jit ScriptModule, which runs no Python hooks; "
+            "attach the eager nn.Module (before torch.jit.script/trace)"
+        )
     compiled.check_compiled(model)
     table = build_module_table(model)
     selected = [name for name in table.names[1:] if config.layer_predicate(name)]
@@ -182,9 +198,27 @@ def attach(
         writer.close()
         lock.release()
         raise
+    if recorder.untraced:
+        writer.set_attr("untraced", recorder.untraced)
+        warnings.warn(_untraced_message(model, recorder.untraced), RuntimeWarning, stacklevel=2)
     handle = TraceHandle(recorder, path, side, lock=lock)
     lifecycle.register(handle)  # closed at interpreter exit or on SIGTERM if the program does not
     return handle
+
+
+def _untraced_message(model: nn.Module, untraced: Mapping[str, str]) -> str:
+    """One warning for every module that could not be hooked, naming the outermost ones and why."""
+    outer = {name: why for name, why in untraced.items() if not why.startswith("inside ")}
+    inner = len(untraced) - len(outer)
+    shown = "; ".join(f"{name} ({why})" for name, why in list(outer.items())[:5])
+    more = f"; and {len(outer) - 5} more" if len(outer) > 5 else ""
+    within = f" (and the {inner} submodule(s) inside them)" if inner else ""
+    scripted = any("torch.jit" in why for why in outer.values())
+    hint = "; to trace them, build them without torch.jit.script" if scripted else ""
+    return (
+        f"tracediff: {len(outer)} module(s) of {type(model).__name__}{within} cannot be hooked and are not traced: "
+        f"{shown}{more}. Their records are missing (the trace's 'untraced' attribute lists them){hint}"
+    )
 
 
 def with_rank_placeholder(template: str, world: int) -> str:
