@@ -12,8 +12,10 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,16 +26,14 @@ import torch
 from torch import nn
 
 from tracediff.call_context import ContextFn, with_context
-from tracediff.config import TraceConfig
-from tracediff.errors import SpecError, TracediffError
-from tracediff.factory import call_with_supported, resolve
+from tracediff.config import TraceConfig, check_layers_match
+from tracediff.errors import SpecError, TracediffError, model_call_message
+from tracediff.factory import call_with_supported, check_kwargs, resolve
 from tracediff.hooks import attach, trace_step
+from tracediff.progress import RunProgress, StepCounter, forward_events
+from tracediff.session import TRACE_FILES  # re-exported: the names of a run's trace files
 from tracediff.spec import SIDES, RunSpec, SideSpec
 from tracediff.weights import find_safetensors, load_into, load_state_dict, resolve_hf
-
-TRACE_FILES = {"upstream": "upstream.h5", "port": "port.h5"}
-#: Called as ``progress(side, step, steps)`` before each step and ``(side, steps, steps)`` at the end.
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -47,25 +47,39 @@ class SideResult:
     failures: dict[str, str]
 
 
-def trace_side(spec: RunSpec, side: str, out_dir: Path, *, progress: ProgressFn | None = None) -> SideResult:
+def trace_side(spec: RunSpec, side: str, out_dir: Path, *, progress: RunProgress | None = None) -> SideResult:
     """Build one side, run it for ``spec.steps`` steps under the recorder, close the trace."""
     side_spec = spec.side(side)
     device, dtype = placement_for(spec, side_spec)
-    model = build_model(spec, side_spec, device=device, dtype=dtype)
+    if progress:
+        progress.phase("build", side)
+    model = build_model(spec, side_spec, device=device, dtype=dtype, progress=progress)
     call = caller_for(spec, side_spec)
-    config = TraceConfig(
-        layers=spec.layers or None,
-        stats=spec.stats,
-        steps=spec.trace_steps,
-        sample_size=spec.sample_size,
-        layers_source="[trace] layers",
-        inputs=spec.trace_inputs,
-    )
+    config = trace_config_for(spec, side, model)
     inputs = (clone_inputs(make_inputs(spec, step), device=device, dtype=dtype) for step in range(spec.steps))
     result = trace_model(model, side=side, steps=inputs, count=spec.steps, output=out_dir / TRACE_FILES[side],
                          config=config, call=call, progress=progress)
     del model
     return result
+
+
+def trace_config_for(spec: RunSpec, side: str, model: nn.Module) -> TraceConfig:
+    """What to record on one side: the spec's ``[trace]`` settings with that side's layer regex.
+
+    Raises:
+        TraceConfigError: a bad setting, or a layer regex that matches none of ``model``'s modules
+            (named with the side and the per-side flag, instead of an empty trace).
+    """
+    layers, source = spec.layers_for(side)
+    check_layers_match([name for name, _ in model.named_modules()], layers, side=side, source=source)
+    return TraceConfig(
+        layers=layers or None,
+        stats=spec.stats,
+        steps=spec.trace_steps,
+        sample_size=spec.sample_size,
+        layers_source=source,
+        inputs=spec.trace_inputs,
+    )
 
 
 def trace_model(
@@ -77,7 +91,7 @@ def trace_model(
     config: TraceConfig,
     call: Callable[[nn.Module, Any], Any] | None = None,
     count: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: RunProgress | None = None,
     overwrite: bool = False,
 ) -> SideResult:
     """Run an in-memory model once per item of ``steps`` (its inputs), recording each as a step.
@@ -85,27 +99,40 @@ def trace_model(
     The API behind ``run`` and the pytest plugin: the caller owns the model and
     the inputs; each side should get its own copy of the inputs. ``overwrite``
     lets the trace replace an existing file at ``output`` (otherwise refused).
+
+    ``progress`` hears the phases, each step, and gets a reader of the records captured in
+    the running step (the recorder's own counter: no per-call work is added for it).
     """
     call = call or (lambda m, inputs: default_call(m, inputs))
     start = time.perf_counter()
     total = count if count is not None else 0
+    progress = progress or RunProgress()
+    progress.phase("attach", side)
     with attach(model, side=side, config=config, output=output, overwrite=overwrite) as handle, torch.no_grad():
-        for step, inputs in enumerate(steps):
-            if progress:
-                progress(side, step, total)
-            with trace_step(step):
-                _invoke(call, model, inputs, side=side, step=step)
-            total = max(total, step + 1)
-    if progress:
-        progress(side, total, total)
+        progress.phase("trace", side)
+        counter = StepCounter(lambda: handle.records_captured)
+        progress.watch(side, counter.in_step)
+        try:
+            for step, inputs in enumerate(steps):
+                total = max(total, step + 1)
+                counter.begin()
+                progress.step(side, step, total, counter.per_step)
+                with trace_step(step):
+                    _invoke(call, model, inputs, side=side, step=step)
+                counter.end()
+        finally:
+            progress.watch(side, None)
+    progress.step(side, total, total, counter.per_step)
     return SideResult(side, output, time.perf_counter() - start, handle.records_written, handle.failures)
 
 
 def trace_both(
-    spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, progress: ProgressFn | None = None
+    spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, progress: RunProgress | None = None
 ) -> dict[str, SideResult]:
     """Trace upstream, then port; in this process or in one subprocess per side."""
     results: dict[str, SideResult] = {}
+    if not isolate_sides:  # isolated sides keep the user's imports out of this process
+        check_spec_kwargs(spec)
     for side in SIDES:
         if isolate_sides:
             results[side] = _trace_in_subprocess(spec, side, out_dir, progress)
@@ -115,16 +142,19 @@ def trace_both(
 
 
 # -- building --------------------------------------------------------------------
-def build_model(spec: RunSpec, side: SideSpec, *, device: str, dtype: torch.dtype | None) -> nn.Module:
+def build_model(spec: RunSpec, side: SideSpec, *, device: str, dtype: torch.dtype | None,
+                progress: RunProgress | None = None) -> nn.Module:
     """Call the side's factory (seeded), load its weights, move it, set eval mode."""
     field = f"[{side.name}] factory"
     factory = resolve(side.factory or "", field=field, base=spec.base_dir)
     torch.manual_seed(spec.seed)
-    offered = {"seed": spec.seed, "device": device, "dtype": dtype, **side.kwargs}
-    model = call_with_supported(factory, offered, field=field)
+    offered = {"seed": spec.seed, "device": device, "dtype": dtype}
+    model = call_with_supported(factory, offered, field=field, user=side.kwargs, user_field=kwargs_field(side.name))
     if not isinstance(model, nn.Module):
         raise SpecError(f"{field}={side.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     if side.weights or side.hf:
+        if progress:
+            progress.phase("convert" if side.convert else "weights", side.name)
         _load_weights(spec, side, model)
     try:
         model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
@@ -157,7 +187,32 @@ def make_inputs(spec: RunSpec, step: int) -> Any:
     field = "[inputs] factory"
     factory = resolve(spec.inputs_factory or "", field=field, base=spec.base_dir)
     torch.manual_seed(spec.seed + step)
-    return call_with_supported(factory, {"seed": spec.seed, "step": step, **spec.inputs_kwargs}, field=field)
+    return call_with_supported(factory, {"seed": spec.seed, "step": step}, field=field, user=spec.inputs_kwargs,
+                               user_field=kwargs_field("inputs"))
+
+
+def kwargs_field(section: str) -> str:
+    """How errors name a section's ``kwargs``: the spec key and the flag that also sets it."""
+    return f"[{section}] kwargs (--{section}-kwarg)"
+
+
+def check_spec_kwargs(spec: RunSpec) -> None:
+    """Refuse every factory keyword argument the factory cannot take, before either side is traced.
+
+    Building the port may come minutes after the upstream was traced; a misspelt
+    ``[port] kwargs`` key should not wait for that.
+
+    Raises:
+        SpecError: an unknown key (see :func:`tracediff.factory.check_kwargs`), or a reference that does not resolve.
+    """
+    for side in SIDES:
+        side_spec = spec.side(side)
+        if side_spec.kwargs:
+            factory = resolve(side_spec.factory or "", field=f"[{side}] factory", base=spec.base_dir)
+            check_kwargs(factory, side_spec.kwargs, field=kwargs_field(side))
+    if spec.inputs_kwargs:
+        factory = resolve(spec.inputs_factory or "", field="[inputs] factory", base=spec.base_dir)
+        check_kwargs(factory, spec.inputs_kwargs, field=kwargs_field("inputs"))
 
 
 def placement_for(spec: RunSpec, side: SideSpec) -> tuple[str, torch.dtype | None]:
@@ -236,9 +291,7 @@ def _invoke(call: Callable[[nn.Module, Any], Any], model: nn.Module, inputs: Any
 
 
 def _call_error(side: str, step: int, exc: Exception) -> SpecError:
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    return SpecError(f"[inputs] factory: calling the {side} model at step {step} failed with "
-                     f"{type(exc).__name__}: {text} (do the inputs fit the model's forward?)")
+    return SpecError(model_call_message(side, step, exc))
 
 
 # -- isolated sides ---------------------------------------------------------------
@@ -256,27 +309,53 @@ def spec_from_json(text: str) -> RunSpec:
     return RunSpec(**data)
 
 
-def _trace_in_subprocess(spec: RunSpec, side: str, out_dir: Path, progress: ProgressFn | None) -> SideResult:
+def _trace_in_subprocess(spec: RunSpec, side: str, out_dir: Path, progress: RunProgress | None) -> SideResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_file = out_dir / f".{side}-spec.json"
     spec_file.write_text(spec_to_json(spec))
     result_file = out_dir / f".{side}-result.json"
     command = [sys.executable, "-m", "tracediff.side_worker", str(spec_file), side, str(out_dir), str(result_file)]
     if progress:
-        progress(side, 0, spec.steps)
+        progress.phase("start", side)
     with _cleanup(spec_file, result_file):
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0 or not result_file.exists():
-            lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            detail = lines[-1] if lines else f"exit code {proc.returncode}"
+        stderr, returncode = _run_worker(command, progress)
+        if returncode != 0 or not result_file.exists():
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            detail = lines[-1] if lines else f"exit code {returncode}"
             prefix = "tracediff-worker: "
             if detail.startswith(prefix):
                 raise SpecError(detail[len(prefix):])
             raise SpecError(f"--isolate-sides: the {side} process failed: {detail}")
         data = json.loads(result_file.read_text())
-    if progress:
-        progress(side, spec.steps, spec.steps)
     return SideResult(side, Path(data["trace"]), data["seconds"], data["records"], data["failures"])
+
+
+def _run_worker(command: list[str], progress: RunProgress | None) -> tuple[str, int]:
+    """Run a side worker; its progress events come back on a pipe of their own (stderr stays for errors)."""
+    if progress is None:
+        proc = subprocess.run(command, capture_output=True, text=True)
+        return proc.stderr, proc.returncode
+    read_fd, write_fd = os.pipe()
+    try:
+        worker = subprocess.Popen([*command, "--progress-fd", str(write_fd)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, pass_fds=(write_fd,))
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)  # the worker holds its own copy; EOF on read_fd once it exits
+    reader = threading.Thread(target=forward_events, args=(read_fd, progress), name="tracediff-worker-progress",
+                              daemon=True)
+    reader.start()
+    try:
+        _, stderr = worker.communicate()
+    except BaseException:
+        worker.kill()
+        worker.wait()
+        raise
+    finally:
+        reader.join(timeout=10)
+    return stderr, worker.returncode
 
 
 @contextlib.contextmanager

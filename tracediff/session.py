@@ -1,23 +1,30 @@
 """One ``tracediff run``: trace both sides with a progress display, then report.
 
 Kept apart from the CLI module so the pytest plugin and bisection can drive a
-whole run without going through argparse.
+whole run without going through argparse. PyTorch is imported only once the
+progress display is up (it alone can take seconds), so a run is never silent.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tracediff.errors import SpecError
-from tracediff.runner import TRACE_FILES, ProgressFn, SideResult, trace_both
-from tracediff.spec import RunSpec
+from tracediff.progress import RunProgress, next_command, open_progress, print_closing, spec_arguments
+from tracediff.spec import FIELDS, RunSpec
+
+if TYPE_CHECKING:
+    from tracediff.runner import SideResult
+
+#: the trace files of a run (defined here, not in the runner, so this module does not import PyTorch)
+TRACE_FILES = {"upstream": "upstream.h5", "port": "port.h5"}
 
 
 def prepare_out_dir(out_dir: Path, *, force: bool) -> bool:
@@ -36,46 +43,54 @@ def prepare_out_dir(out_dir: Path, *, force: bool) -> bool:
     return created
 
 
-def trace_with_progress(spec: RunSpec, out_dir: Path, *, isolate_sides: bool, show: bool) -> dict[str, SideResult]:
-    """Trace both sides, showing which side and step is running on stderr."""
-    console = Console(stderr=True)
-    display: AbstractContextManager[Any] = (
-        Progress(
-            TextColumn("[bold]{task.description:<9}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("steps"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        )
-        if show
-        else nullcontext()
-    )
-    with display as progress:
-        tasks: dict[str, Any] = {}
+def command_words(args: argparse.Namespace) -> list[str]:
+    """The words naming the run spec of a parsed ``run`` command line (file or demo, and its spec flags)."""
+    flags = [(field.flag.replace("-kwargs", "-kwarg"), getattr(args, f"spec__{field.section}__{field.key}", None))
+             for field in FIELDS]
+    return spec_arguments(args.target, args.demo, flags)
 
-        def report(side: str, step: int, steps: int) -> None:
-            if progress is None:
-                return
-            if side not in tasks:
-                tasks[side] = progress.add_task(side, total=steps)
-            progress.update(tasks[side], completed=step)
 
-        callback: ProgressFn | None = report if show else None
-        return trace_both(spec, out_dir, isolate_sides=isolate_sides, progress=callback)
+def trace_with_progress(spec: RunSpec, out_dir: Path, *, isolate_sides: bool,
+                        progress: RunProgress) -> dict[str, SideResult]:
+    """Trace both sides, telling ``progress`` each phase, step and record count."""
+    progress.phase("import")
+    from tracediff.runner import trace_both
+
+    return trace_both(spec, out_dir, isolate_sides=isolate_sides, progress=progress)
 
 
 def run_session(spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, as_json: bool = False,
-                progress: bool = True, force: bool = False) -> int:
-    """Trace, align, diff, write ``report.json``/``report.html``, print; return the exit code."""
-    created = prepare_out_dir(out_dir, force=force)
-    try:
-        results = trace_with_progress(spec, out_dir, isolate_sides=isolate_sides, show=progress and not as_json)
-    except BaseException:
-        if created and not any(out_dir.iterdir()):
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    from tracediff.analysis import analyse_run
+                progress: bool = True, force: bool = False, next_args: Sequence[str] | None = None) -> int:
+    """Trace, align, diff, write ``report.json``/``report.html``, print; return the exit code.
 
-    return analyse_run(spec, results, out_dir, as_json=as_json, stream=sys.stdout)
+    ``progress``: phases on stderr (a live display on a terminal, else one line each).
+    ``next_args``: the words that name this spec on a command line (file or ``--demo BUG``, flags);
+    with them the run ends with the next command to try. Both end lines go to stdout, or to
+    stderr with ``as_json`` (stdout holds only the JSON), where ``progress=False`` silences them.
+    """
+    created = prepare_out_dir(out_dir, force=force)
+    display = open_progress(show=progress)
+    failed = True
+    try:
+        try:
+            results = trace_with_progress(spec, out_dir, isolate_sides=isolate_sides, progress=display)
+        except BaseException:
+            if created and not any(out_dir.iterdir()):
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        from tracediff.analysis import REPORT_HTML, analyse_run
+
+        def stage(name: str) -> None:
+            if name == "done":
+                display.finish()  # the report is printed next: the live display must be gone
+            else:
+                display.phase(name)
+
+        code = analyse_run(spec, results, out_dir, as_json=as_json, stream=sys.stdout, progress=stage)
+        failed = False
+    finally:
+        display.finish(failed=failed)
+    if not as_json or progress:
+        console = Console(stderr=True) if as_json else Console(file=sys.stdout, soft_wrap=True)
+        print_closing(console, out_dir / REPORT_HTML, next_command(code, next_args, spec=spec, out_dir=out_dir))
+    return code

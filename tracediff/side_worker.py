@@ -1,7 +1,10 @@
-"""``python -m tracediff.side_worker SPEC.json SIDE OUT RESULT.json``: one side, one process.
+"""``python -m tracediff.side_worker SPEC.json SIDE OUT RESULT.json [--progress-fd FD]``: one side, one process.
 
 Used by ``tracediff run --isolate-sides``. Expected failures are printed as
 one ``tracediff-worker:`` line so the parent can pass the message on unchanged.
+With ``--progress-fd``, the side's phases, steps and record counts go to that
+pipe as JSON lines (:class:`tracediff.progress.PipeProgress`), so the parent's
+display moves while this process builds and traces.
 """
 
 from __future__ import annotations
@@ -11,17 +14,27 @@ import sys
 from pathlib import Path
 
 from tracediff.errors import TracediffError
-from tracediff.runner import spec_from_json, trace_side
+from tracediff.progress import PipeProgress
 
 
 def main(argv: list[str]) -> int:
+    """Trace one side of the spec; 0 with the result file written, 2 on an expected failure."""
+    progress = None
+    if len(argv) == 6 and argv[4] == "--progress-fd":
+        progress = PipeProgress(int(argv[5]))
+        argv = argv[:4]
     spec_file, side, out_dir, result_file = argv
+    from tracediff.runner import spec_from_json, trace_side  # imports torch: after the pipe is open
+
     try:
         spec = spec_from_json(Path(spec_file).read_text())
-        result = trace_side(spec, side, Path(out_dir))
+        result = trace_side(spec, side, Path(out_dir), progress=progress)
     except TracediffError as exc:
         print(f"tracediff-worker: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if progress is not None:
+            progress.finish()
     Path(result_file).write_text(json.dumps({
         "trace": str(result.trace), "seconds": result.seconds, "records": result.records,
         "failures": result.failures,
