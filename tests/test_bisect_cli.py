@@ -27,7 +27,7 @@ def test_demo_free_function_bug_prints_path_levels_and_operator() -> None:
     assert proc.returncode == 1, proc.stderr
     out = proc.stdout
     bug = BUGS["rope_sign"]
-    assert out.startswith(f"culprit: {bug.port_module} (upstream {bug.upstream_module}), step 0: local rel. error")
+    assert out.startswith(f"culprit: {bug.port_module} (upstream {bug.upstream_module}), step 0: local rel L2 err")
     assert f"first differing operator: Tensor.flatten at demo/port_dit.py:{line_of('rotated.flatten(-2)')} " \
            "in apply_rotary" in out
     assert "9 forward passes" in out

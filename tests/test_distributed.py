@@ -155,11 +155,11 @@ def test_a_bug_in_rank_1s_shard_is_reported_with_its_rank(run, capsys):
     out = capsys.readouterr().out
     headline = next(line for line in out.splitlines() if line.startswith("first drift:"))
     assert headline.startswith("first drift: blocks.0.up (upstream blocks.0.up), step 0, call 0, tensor out: ")
-    assert "sharded over ranks 0, 1 along dim 2; rel. L2 error by shard: rank 0 " in headline
+    assert "sharded over ranks 0, 1 along dim 2; rel L2 err by shard: rank 0 " in headline
     assert headline.endswith("(worst: rank 1)")
     # The numbers, not their text: rank 0's shard is only float32 rounding of a split matmul (0 on one CPU,
     # 6.14e-08 on an AVX-512 one), rank 1's carries the bug.
-    by_shard = headline.split("rel. L2 error by shard: ", 1)[1].rsplit(" (worst:", 1)[0]
+    by_shard = headline.split("rel L2 err by shard: ", 1)[1].rsplit(" (worst:", 1)[0]
     errors = {int(rank): float(err) for rank, err in re.findall(r"rank (\d+) (\S+?)(?:,|$)", by_shard)}
     assert errors.keys() == {0, 1}, headline
     assert errors[0] <= RTOL, headline

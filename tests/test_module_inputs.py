@@ -153,7 +153,7 @@ def test_bug_between_two_children_is_blamed_on_their_parent(tmp_path: Path) -> N
     assert first.before_call
     assert headline(result).startswith(
         "first drift: blocks.1 (upstream blocks.1), step 0: its own code, before it calls blocks.1.proj_out "
-        "(upstream blocks.1.proj_out), whose input[0] (call 0) already differs: max abs error "
+        "(upstream blocks.1.proj_out), whose input[0] (call 0) already differs: abs error "
     )
     assert result.last_good is not None and (result.last_good.port, result.last_good.label) == (
         "blocks.1.proj_in", "out")

@@ -1,16 +1,16 @@
-"""Render a :class:`~tracediff.diff.DiffResult`: rich terminal report, JSON, standalone HTML.
+"""Render a :class:`~tracediff.diff.DiffResult`: rich terminal report and JSON (HTML: :mod:`tracediff.report_html`).
 
 Rendering only reads the result; every decision (what drifts, what is first)
 was made by :mod:`tracediff.diff`. Module names come from user models and are
 never trusted as markup: the terminal report builds :class:`rich.text.Text`
-objects, the HTML report escapes every name.
+objects, the HTML report escapes every name. Column names, metric names and
+number formatting come from :mod:`tracediff.vocabulary`, shared by all three.
 """
 
 from __future__ import annotations
 
-import html
 import math
-from pathlib import Path
+import sys
 from typing import Any
 
 import numpy as np
@@ -21,23 +21,33 @@ from rich.text import Text
 
 from tracediff.config import ENV_INPUTS
 from tracediff.diff import DiffResult, Finding, LayerRow, caller_of
+from tracediff.vocabulary import COLUMNS, LEGEND, TERMINAL_COLUMNS, error_summary, number
 
 #: Rows shown before and after the first drift in the terminal and HTML tables.
 CONTEXT_ROWS = 5
-#: Curve scale: tolerance used (drift / limit) from 1e-6 to 1e2, log scale.
+#: Curve scale: err/tol (value / limit) from 1e-6 to 1e2, log scale.
 _CURVE_LO, _CURVE_HI = -6.0, 2.0
 _BARS = " ▁▂▃▄▅▆▇█"
-#: HTML: draw one marker per point (with a tooltip) up to this many points.
-_HTML_MARKERS = 1500
-_HTML_TABLE_MAX = 5000
+#: Width of a console on a pipe or file: tables take only what they need, so names are never folded or cut.
+PIPE_WIDTH = 1000
 
 
 # -- shared wording --------------------------------------------------------------------
 
 
-def wide_console(stream: Any, *, min_width: int = 120) -> Console:
-    """A console on ``stream`` at least ``min_width`` columns wide, so module names stay whole."""
-    return Console(file=stream, width=max(Console(file=stream).width, min_width))
+def wide_console(stream: Any = None, *, min_width: int = 120) -> Console:
+    """A console on ``stream`` (default stdout) where module names stay whole.
+
+    On a terminal: at least ``min_width`` columns (names fold, never cut). On a
+    pipe or a file (a CI log, ``| tee``): :data:`PIPE_WIDTH` columns whatever
+    ``COLUMNS`` says, since a log has no width and a cut name (``blocks…``) is
+    useless there; tables still take only the width they need.
+    """
+    stream = sys.stdout if stream is None else stream
+    probe = Console(file=stream)
+    if not probe.is_terminal:
+        return Console(file=stream, width=PIPE_WIDTH, color_system=None, force_terminal=False)
+    return Console(file=stream, width=max(probe.width, min_width))
 
 
 def display_name(name: str | None) -> str:
@@ -45,6 +55,25 @@ def display_name(name: str | None) -> str:
     if name is None:
         return "-"
     return name if name else "<model>"
+
+
+def failure_lines(failures: dict[str, dict[str, str]]) -> list[str]:
+    """Recording failures, one line each: ``{side: {module: error}}`` -> ``side: recording 'm' failed (Type: …)``.
+
+    Each error is cut to its type and first sentence (:func:`~tracediff.vocabulary.error_summary`, for traces
+    written before the recorder did so), and the same module failing the same way on both sides is one line.
+    """
+    merged: dict[tuple[str, str], list[str]] = {}
+    for side, failed in failures.items():
+        for module, error in failed.items():
+            sides = merged.setdefault((module, error_summary(error)), [])
+            if side not in sides:
+                sides.append(side)
+    return [
+        (f"{' and '.join(s for s in sides if s)}: " if any(sides) else "")
+        + f"recording {display_name(module)!r} failed ({error}); its records are skipped"
+        for (module, error), sides in merged.items()
+    ]
 
 
 def headline(result: DiffResult) -> str:
@@ -120,10 +149,16 @@ def render_terminal(result: DiffResult, console: Console | None = None, *, conte
     if rows:
         title = "closest to tolerance" if ok else f"layers around the first drift (step {result.curve_step})"
         console.print(_table(rows, hit, title=title, width=console.width))
+        console.print(Text(LEGEND, style="dim"), soft_wrap=True)
     ratio, _ = result.curve()
     if len(ratio):
         width = max(min(console.width - 1, 120), 20)
         console.print(_curve(ratio, result.first_drift_index if not ok else None, step=result.curve_step, width=width))
+
+
+def detail_lines(result: DiffResult) -> list[str]:
+    """The lines under the headline (last good, later steps, notes, what was compared and what was not)."""
+    return _detail_lines(result)
 
 
 def _detail_lines(result: DiffResult) -> list[str]:
@@ -135,7 +170,7 @@ def _detail_lines(result: DiffResult) -> list[str]:
             "last good: "
             + (
                 f"{display_name(good.port)} (upstream {display_name(good.upstream)}), call {good.call}, "
-                f"tensor {good.label}, drift {_num(good.drift)}"
+                f"tensor {good.label}, err/tol {number(good.ratio)}"
                 if good is not None
                 else f"none: the first compared record of step {first.step} already breaks tolerance"
             )
@@ -160,7 +195,7 @@ def _detail_lines(result: DiffResult) -> list[str]:
             f"{display_name(suspect.port)} were left unpaired: {suspect.reason}; if they are the same module, "
             f"put {suspect.hint()} in a map file (--map)"
         )
-    else:
+    if first is None:  # non-fatal findings of a passing diff (with a drift, notes before it are listed above)
         for finding in result.findings[:3]:
             lines.append(f"note: {finding.kind.replace('_', ' ')} at {display_name(finding.port)}: {finding.message}")
     if first is not None:  # without a drift the headline already says all this
@@ -169,10 +204,13 @@ def _detail_lines(result: DiffResult) -> list[str]:
             f"step{'s' if len(result.steps) != 1 else ''} {_steps(result.steps)}; {result.tolerance.describe()}"
         )
     skipped = []
-    if result.unchecked:
-        reshaped = (f" ({result.unchecked_inputs} of them module inputs of another shape on each side)"
-                    if result.unchecked_inputs else "")
-        skipped.append(f"{result.unchecked} records had nothing comparable{reshaped}")
+    if result.unchecked_inputs:
+        skipped.append(
+            f"{_count(result.unchecked_inputs, 'module input')} not checked: shaped differently on the two sides "
+            "(another layout or packing of the same data; module outputs of another shape are findings)")
+    if result.unchecked > result.unchecked_inputs:
+        skipped.append(f"{_count(result.unchecked - result.unchecked_inputs, 'record')} not checked: no statistic "
+                       "or element recorded on both sides")
     if result.one_sided_modules:
         skipped.append(f"{result.one_sided_modules} aligned modules were traced on one side only")
     if result.steps_only_upstream or result.steps_only_port:
@@ -198,28 +236,42 @@ def _notes_before(result: DiffResult) -> list[Finding]:
 
 def _table(rows: list[LayerRow], hit: int | None, *, title: str, width: int) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    # Names get what the other columns (about 64 characters) leave; past that they fold.
-    room = max((width - 64) // 2, 8)
+    # Names get what the other columns (about 70 characters) leave; past that they fold, never cut.
+    room = max((width - 70) // 2, 8)
     name_width = {
         "port module": min(max((len(display_name(r.port)) for r in rows), default=8), room),
         "upstream module": min(max((len(display_name(r.upstream)) for r in rows), default=8), room),
-        "check": 8,
     }
-    for column, justify in (
-        ("#", "right"), ("port module", "left"), ("upstream module", "left"), ("call", "right"),
-        ("tensor", "left"), ("drift", "right"), ("tol used", "right"), ("check", "left"),
-    ):
-        # Module names fold rather than being cut: the name is the answer.
-        table.add_column(column, justify=justify, overflow="fold", min_width=name_width.get(column))  # type: ignore[arg-type]
+    for column in TERMINAL_COLUMNS:
+        justify = "left" if column.header in ("port module", "upstream module", "tensor", "check") else "right"
+        table.add_column(column.header, justify=justify, overflow="fold",  # type: ignore[arg-type]
+                         min_width=name_width.get(column.header))
     for i, row in enumerate(rows):
         style = "bold red" if i == hit else ("red" if row.failed else "")
-        table.add_row(
-            Text(str(row.index)), Text(display_name(row.port)), Text(display_name(row.upstream)),
-            Text(str(row.call)), Text(row.label), Text(_num(row.drift)),
-            Text(_num(row.ratio) + (" ✗" if row.failed else "  ")), Text(row.check or "-"),
-            style=style,
-        )
+        table.add_row(*(Text(cell) for cell in table_cells(row, TERMINAL_COLUMNS)), style=style)
     return table
+
+
+def table_cells(row: LayerRow, columns: tuple[Any, ...] = COLUMNS) -> list[str]:
+    """A row's cells under ``columns`` (:data:`tracediff.vocabulary.COLUMNS`), as every table prints them."""
+    values = {
+        "#": str(row.index),
+        "port module": display_name(row.port),
+        "upstream module": display_name(row.upstream),
+        "call": str(row.call),
+        "tensor": row.label,
+        "check": row.check or "-",
+        "error": number(row.value),
+        "tol": number(row.limit),
+        "err/tol": number(row.ratio) + (" ✗" if row.failed else "  "),
+        "rel L2 err": number(row.rel_l2),
+        "max abs err": number(row.max_abs_err),
+        "SQNR dB": number(row.sqnr_db),
+        "shape": _shape(row.port_shape) + ("" if row.port_shape == row.upstream_shape
+                                           else f" / {_shape(row.upstream_shape)}"),
+        "dtype": row.port_dtype + ("" if row.port_dtype == row.upstream_dtype else f" / {row.upstream_dtype}"),
+    }
+    return [values[column.header] for column in columns]
 
 
 def curve_levels(ratio: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +293,7 @@ def _curve(ratio: np.ndarray, first: int | None, *, step: int, width: int) -> Te
     level, peak = curve_levels(ratio, width)
     n = len(ratio)
     text = Text(
-        f"drift curve, step {step}, {n} records (tolerance used, a bar step per decade: "
+        f"drift curve, step {step}, {n} records (err/tol, a bar step per decade: "
         "▆ up to tol, ▇ █ over, · identical)\n",
         style="dim",
     )
@@ -282,8 +334,8 @@ def to_json(result: DiffResult) -> dict[str, Any]:
         "findings": [_finding_dict(f) for f in result.findings],
         "rows": [_row_dict(r) for r in result.rows],
         "alignment_suspects": [s.to_dict() for s in result.alignment_suspects],
+        "columns": [{"column": c.header, "key": c.key, "meaning": c.meaning} for c in COLUMNS],
     }
-
 
 
 def _finding_dict(finding: Finding) -> dict[str, Any]:
@@ -340,160 +392,11 @@ def _clean(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-# -- HTML ------------------------------------------------------------------------------
-
-
-def to_html(result: DiffResult, *, title: str = "tracediff first-drift report") -> str:
-    """A standalone page: headline, SVG drift chart, tables. No scripts, no external resources."""
-    esc = _esc
-    ok = result.first_drift is None
-    rows, hit = context_rows(result)
-    details = "".join(f"<li>{esc(line)}</li>" for line in _detail_lines(result))
-    around = _html_table(rows, hit)
-    all_rows = result.rows[:_HTML_TABLE_MAX]
-    more = len(result.rows) - len(all_rows)
-    full = _html_table(all_rows, result.first_drift_index if not ok else None)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-h1 {{ font-size: 1.3em; }}
-.headline {{ font-family: ui-monospace, monospace; padding: .6em; border-radius: 4px;
-  background: {'#e8f5e9' if ok else '#ffebee'}; border: 1px solid {'#66bb6a' if ok else '#e57373'}; }}
-table {{ border-collapse: collapse; font-family: ui-monospace, monospace; font-size: .85em; margin: 1em 0; }}
-th, td {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; }}
-td.num {{ text-align: right; }}
-tr.failed td {{ color: #c62828; }}
-tr.first td {{ background: #ffcdd2; font-weight: bold; }}
-svg text {{ font-family: system-ui, sans-serif; font-size: 11px; }}
-</style></head>
-<body>
-<h1>{esc(title)}</h1>
-<p class="headline">{esc(headline(result))}</p>
-<ul>{details}</ul>
-<p>upstream: <code>{esc(result.upstream_path)}</code><br>port: <code>{esc(result.port_path)}</code></p>
-<h2>Drift per aligned layer (step {result.curve_step})</h2>
-{svg_chart(result)}
-<h2>{'Closest to tolerance' if ok else 'Layers around the first drift'}</h2>
-{around}
-<details><summary>All {len(result.rows)} compared records of step {result.curve_step}
-{f'(first {len(all_rows)} shown)' if more > 0 else ''}</summary>
-{full}
-</details>
-</body></html>
-"""
-
-
-def write_html(result: DiffResult, path: str | Path) -> Path:
-    """Write :func:`to_html` to ``path`` (UTF-8) and return the path."""
-    target = Path(path)
-    target.write_text(to_html(result), encoding="utf-8")
-    return target
-
-
-def svg_chart(result: DiffResult, *, width: int = 960, height: int = 320) -> str:
-    """Inline SVG: tolerance used per record (log scale) in port execution order.
-
-    The dashed line at 1 is the tolerance (whatever per-module override applied,
-    since each point is already divided by its own limit); points above it
-    break tolerance, and the first drift is ringed and labelled.
-    """
-    ratio, drift = result.curve()
-    rows_needed = len(ratio) <= _HTML_MARKERS
-    left, right, top, bottom = 60, 20, 20, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    n = len(ratio)
-    if not n:
-        return "<p>(no compared records)</p>"
-    finite = ratio[np.isfinite(ratio) & (ratio > 0)]
-    lo = math.floor(min(np.log10(finite.min()) if len(finite) else -6.0, -1.0))
-    lo = max(lo, -12)
-    hi = math.ceil(max(np.log10(finite.max()) if len(finite) else 0.0, 1.0))
-
-    def x_of(i: int) -> float:
-        return left + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
-
-    def y_of(r: float) -> float:
-        if math.isnan(r):
-            return math.nan
-        value = hi if math.isinf(r) else (lo if r <= 0 else min(max(math.log10(r), lo), hi))
-        return top + plot_h * (hi - value) / (hi - lo)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="drift per layer">']
-    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>')
-    for decade in range(lo, hi + 1):
-        y = y_of(10.0**decade)
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">1e{decade}</text>')
-    y_tol = y_of(1.0)
-    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y_tol:.1f}" y2="{y_tol:.1f}" '
-                 'stroke="#c62828" stroke-dasharray="6 4"/>')
-    parts.append(f'<text x="{left + plot_w - 4}" y="{y_tol - 4:.1f}" text-anchor="end" fill="#c62828">tolerance</text>')
-    points = " ".join(f"{x_of(i):.1f},{y_of(float(r)):.1f}" for i, r in enumerate(ratio) if not math.isnan(r))
-    parts.append(f'<polyline points="{points}" fill="none" stroke="#1565c0" stroke-width="1.2"/>')
-    rows = result.rows if rows_needed else None
-    for i, r in enumerate(ratio.tolist()):
-        if math.isnan(r) or (not rows_needed and r <= 1):
-            continue
-        color = "#c62828" if r > 1 else "#1565c0"
-        tip = ""
-        if rows is not None:
-            row = rows[i]
-            tip = (f"<title>#{i} {_esc(display_name(row.port))} (upstream {_esc(display_name(row.upstream))}) "
-                   f"{_esc(row.label)}: drift {_num(float(drift[i]))}, tolerance used {_num(r)}</title>")
-        parts.append(f'<circle cx="{x_of(i):.1f}" cy="{y_of(r):.1f}" r="2.5" fill="{color}">{tip}</circle>')
-    at = result.first_drift_index
-    first = result.first_drift
-    if first is not None and at is not None and at < n:
-        x, y = x_of(at), y_of(float(ratio[at]))
-        if math.isnan(y):
-            y = y_tol
-        anchor = "end" if x > left + plot_w * 0.7 else "start"
-        dx = -10 if anchor == "end" else 10
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="#c62828" stroke-width="2"/>')
-        parts.append(f'<text x="{x + dx:.1f}" y="{max(y - 10, top + 12):.1f}" text-anchor="{anchor}" fill="#c62828">'
-                     f"first drift: {_esc(display_name(first.culprit))}</text>")
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">'
-                 f"aligned records in port execution order (step {result.curve_step}), {n} in all</text>")
-    parts.append(f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {top + plot_h / 2})">drift / tolerance</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def _html_table(rows: list[LayerRow], hit: int | None) -> str:
-    head = ("#", "port module", "upstream module", "call", "tensor", "drift", "tol used", "check", "max abs err",
-            "rel L2", "cosine", "SQNR dB", "shape", "dtype")
-    out = ["<table><thead><tr>", *(f"<th>{_esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
-    for i, row in enumerate(rows):
-        cls = "first" if i == hit else ("failed" if row.failed else "")
-        cells = [
-            (str(row.index), True), (display_name(row.port), False), (display_name(row.upstream), False),
-            (str(row.call), True), (row.label, False), (_num(row.drift), True), (_num(row.ratio), True),
-            (row.metric, False), (_num(row.max_abs_err), True), (_num(row.rel_l2), True), (_num(row.cosine), True),
-            (_num(row.sqnr_db), True), (_shape(row.port_shape), False),
-            (row.port_dtype + ("" if row.port_dtype == row.upstream_dtype else f" / {row.upstream_dtype}"), False),
-        ]
-        out.append(f'<tr class="{cls}">' + "".join(
-            f'<td class="num">{_esc(v)}</td>' if num else f"<td>{_esc(v)}</td>" for v, num in cells) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
 # -- formatting ------------------------------------------------------------------------
 
 
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:
@@ -507,3 +410,12 @@ def _steps(steps: list[int]) -> str:
         return f"{steps[0]}–{steps[-1]}"
     shown = ", ".join(map(str, steps[:10]))
     return shown + (f", … ({len(steps)} in all)" if len(steps) > 10 else "")
+
+
+def __getattr__(name: str) -> Any:
+    """``to_html``, ``write_html`` and ``svg_chart`` moved to :mod:`tracediff.report_html`; still importable here."""
+    if name in ("to_html", "write_html", "svg_chart"):
+        from tracediff import report_html
+
+        return getattr(report_html, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

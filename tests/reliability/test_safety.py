@@ -142,7 +142,9 @@ class _Tags(HTMLParser):
 
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "ul", "li", "code", "br", "svg",
                 "rect", "line", "text", "polyline", "circle", "table", "thead", "tbody", "tr", "th", "td", "details",
-                "summary", "g", "span", "b", "strong", "em", "div", "small", "a", "path"}
+                "summary", "g", "span", "b", "strong", "em", "div", "small", "a", "path",
+                # the interactive report (inline script, data as JSON): controls and the details panel
+                "script", "select", "option", "input", "label", "button", "h3", "dl", "dt", "dd"}
 
 
 def test_html_report_escapes_every_module_name_and_label(tmp_path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from typing import Any
 
 from rich import box
@@ -21,10 +20,12 @@ from tracediff.bisect.metrics import Metrics
 from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding, OpRef
 from tracediff.bisect.tree import join_name
 from tracediff.report import display_name
+from tracediff.vocabulary import number
 
-LEGEND = ("err: relative L2 error against upstream; local: fed upstream's inputs; accumulated: running freely; "
-          "amplif.: accumulated / local; tol used: worst element's |port - ref| / (atol + rtol*|ref|), ✗ above 1; "
-          "input drift: the module's own inputs before upstream's replaced them")
+LEGEND = ("local rel L2 err: ||port - upstream|| / ||upstream|| of the module's output when fed upstream's inputs; "
+          "err/tol: the worst element's |port - upstream| / (atol + rtol*|upstream|), ✗ over 1; accumulated: rel L2 "
+          "err running freely; amplif.: accumulated / local; input drift: rel L2 err of the module's own inputs "
+          "before upstream's replaced them")
 
 
 def headline(result: BisectResult) -> str:
@@ -51,7 +52,8 @@ def headline(result: BisectResult) -> str:
 def _error_phrase(error: ModuleError, result: BisectResult) -> str:
     local = error.local
     assert local is not None
-    text = f"local rel. error {_num(local.rel_l2)}, max abs error {_num(local.max_abs)} ({_num(local.ratio)}× tol)"
+    text = (f"local rel L2 err {_num(local.rel_l2)}, max abs err {_num(local.max_abs)}, "
+            f"err/tol {_num(local.ratio)}")
     if result.noise_floor and error.noise_ratio is not None:
         text += f", {_num(error.noise_ratio)}× its noise floor"
     return text
@@ -60,8 +62,8 @@ def _error_phrase(error: ModuleError, result: BisectResult) -> str:
 def _output_phrase(output: Metrics | None) -> str:
     if output is None:
         return "the model outputs differ"
-    return (f"no aligned module adds error but the model outputs differ (rel. error {_num(output.rel_l2)}, "
-            f"{_num(output.ratio)}× tol)")
+    return (f"no aligned module adds error but the model outputs differ (rel L2 err {_num(output.rel_l2)}, "
+            f"err/tol {_num(output.ratio)})")
 
 
 def render_terminal(result: BisectResult, console: Console | None = None) -> None:
@@ -111,13 +113,13 @@ def _details(result: BisectResult) -> list[str]:
     if result.output is not None:
         if result.noise_floor and result.output_floor is not None:
             verdict = "differ beyond" if result.output_drifts else "stay within"
-            lines.append(f"model outputs {verdict} {_num(result.noise_factor)}× their noise floor: rel. error "
+            lines.append(f"model outputs {verdict} {_num(result.noise_factor)}× their noise floor: rel L2 err "
                          f"{_num(result.output.rel_l2)}, floor {_num(result.output_floor.rel_l2)} "
-                         f"({_num(result.output.ratio)}× tol)")
+                         f"(err/tol {_num(result.output.ratio)})")
         else:
             verdict = "break" if result.output_drifts else "are within"
-            lines.append(f"model outputs {verdict} tolerance: rel. error {_num(result.output.rel_l2)}, "
-                         f"{_num(result.output.ratio)}× tol")
+            lines.append(f"model outputs {verdict} tolerance: rel L2 err {_num(result.output.rel_l2)}, "
+                         f"err/tol {_num(result.output.ratio)}")
     judge = (f"local errors judged against each module's noise floor (drift above {_num(result.noise_factor)}× it)"
              if result.noise_floor else "local errors judged against the tolerance")
     lines.append(f"{judge}; {result.tolerance.describe()}")
@@ -131,7 +133,7 @@ def _details(result: BisectResult) -> list[str]:
 def _path_table(result: BisectResult) -> Table:
     table = Table(title="path from the model root to the culprit", title_justify="left", box=box.SIMPLE_HEAD)
     for header, justify in (("depth", "right"), ("port module", "left"), ("upstream module", "left"),
-                            ("local err", "right"), ("tol used", "right"), ("accumulated", "right"),
+                            ("local rel L2 err", "right"), ("err/tol", "right"), ("accumulated", "right"),
                             ("amplif.", "right")):
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for depth, error in enumerate(result.chain):
@@ -151,7 +153,7 @@ def _level_table(level: Level, result: BisectResult) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     calls = any(error.call for error in level.modules)  # the column only when a module runs twice
     columns = [("port module", "left"), ("upstream module", "left"), *([("call", "right")] if calls else []),
-               ("local err", "right"), ("tol used", "right"), ("accumulated", "right"), ("amplif.", "right")]
+               ("local rel L2 err", "right"), ("err/tol", "right"), ("accumulated", "right"), ("amplif.", "right")]
     if result.noise_floor:
         columns += [("noise floor", "right"), ("× floor", "right")]
     columns += [("note", "left")]
@@ -200,7 +202,7 @@ def operator_lines(finding: OpFinding) -> list[str]:
         return lines
     assert finding.upstream_op is not None
     lines.append(f"  first differing operator: {finding.port_op.name} {_shape(finding.port_op)}"
-                 + (f", rel. error {_num(finding.metrics.rel_l2)} (max abs {_num(finding.metrics.max_abs)})"
+                 + (f", rel L2 err {_num(finding.metrics.rel_l2)}, max abs err {_num(finding.metrics.max_abs)}"
                     if finding.metrics is not None else ""))
     lines.append(f"    port:     {_where(finding.port_op)}{_ran_in(finding.port_op, finding.module)}")
     lines.append(f"    upstream: {_where(finding.upstream_op)}  [{finding.upstream_op.name} "
@@ -260,10 +262,4 @@ def _amp(error: ModuleError) -> str:
 
 
 def _num(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if math.isinf(value):
-        return "inf"
-    if value == 0:
-        return "0"
-    return f"{value:.3g}"
+    return number(value)
