@@ -156,6 +156,9 @@ def test_run_with_a_scripted_submodule_completes_instead_of_crashing(tmp_path) -
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("cannot be hooked") == 1 and "b (a torch.jit ScriptModule" in proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "cannot be hooked" in line]
+    assert warning[0].startswith("tracediff: warning: "), proc.stderr  # one line, not Python's file:line + code
+    assert "warnings.warn" not in proc.stderr and "RuntimeWarning" not in proc.stderr
     with open_trace(tmp_path / "o" / "upstream.h5") as trace:
         assert set(trace.meta["untraced"]) == {"b", "b.0", "b.1"}
     with open_trace(tmp_path / "o" / "port.h5") as trace:

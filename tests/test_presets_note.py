@@ -103,3 +103,16 @@ def test_ran_in_fp32() -> None:
     assert not ran_in_fp32(["float32", "float16"])
     assert not ran_in_fp32(["bfloat16"])
     assert not ran_in_fp32(["int64"])
+
+
+def test_the_note_reaches_the_text_report_the_pytest_plugin_shows(tmp_path) -> None:
+    """``Analysis.text()`` (the plugin's failure section, logs) carries the note as the terminal does."""
+    from tracediff.analysis import analyse
+
+    out = tmp_path / "traces"
+    proc = run_cli("run", "--preset", "dit-aligned", "--out", str(out), "--no-progress", "--steps", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    analysis = analyse(out / "upstream.h5", out / "port.h5", tolerance="dit-aligned",
+                       param_map="tracediff.demo.convert:PARAM_NAMES_MAPPING")
+    assert analysis and analysis.preset_note
+    assert analysis.preset_note in analysis.text()

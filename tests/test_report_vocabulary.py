@@ -174,6 +174,50 @@ def test_a_recording_failure_is_one_short_line_once(tmp_path: Path) -> None:
     assert len(warned) == 1 and "PrivateUse1" not in warned[0], proc.stdout
 
 
+SPARSE_MODELS = """
+import torch
+from torch import nn
+
+
+class Sparse(nn.Module):
+    def forward(self, x):
+        return x.to_sparse()
+
+
+class WithSparse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.sparse = Sparse()
+
+    def forward(self, x):
+        return self.sparse(self.lin(x)).to_dense()
+
+
+def build():
+    return WithSparse()
+
+
+def inputs():
+    return {"x": torch.randn(2, 4)}
+"""
+
+
+def test_run_reports_a_recording_failure_once_in_all_its_output(tmp_path: Path) -> None:
+    """``run`` used to warn on stderr as it happened and again in its summary, with the dispatch-key dump."""
+    (tmp_path / "sparse_models.py").write_text(SPARSE_MODELS)
+    spec = tmp_path / "parity.toml"
+    spec.write_text('[upstream]\nfactory = "sparse_models.py:build"\n[port]\nfactory = "sparse_models.py:build"\n'
+                    '[inputs]\nfactory = "sparse_models.py:inputs"\n[run]\nsteps = 2\n')
+    proc = run_cli("run", str(spec), "--out", str(tmp_path / "o"), "--no-progress", env=NARROW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    mentions = [line for line in output.splitlines() if "recording 'sparse' failed" in line]
+    assert len(mentions) == 1, output
+    assert mentions[0].startswith("warning: upstream and port: recording 'sparse' failed (NotImplementedError")
+    assert "PrivateUse1" not in output and "Traceback" not in output
+
+
 def test_error_summary_keeps_type_and_first_sentence() -> None:
     try:
         torch.linalg.vector_norm(torch.randn(3).to_sparse())

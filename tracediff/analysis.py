@@ -18,7 +18,7 @@ from rich.console import Console
 from tracediff.alignment import Alignment
 from tracediff.diff import DiffResult, diff_traces
 from tracediff.preflight import PreflightResult, check_traces, preflight_json, render_preflight
-from tracediff.report import headline, render_terminal, to_json, wide_console, write_html
+from tracediff.report import failure_lines, headline, render_terminal, to_json, wide_console, write_html
 from tracediff.store.load import load_trace
 from tracediff.tolerance import DEFAULT_PRESET, Tolerance, fp32_note_for, preset
 
@@ -55,6 +55,8 @@ class Analysis:
         if self.preflight is not None:
             render_preflight(self.preflight, console, diff=self.result)
         render_terminal(self.result, console)
+        if self.preset_note:
+            console.print(self.preset_note, highlight=False, markup=False, soft_wrap=True)
         return buffer.getvalue()
 
 
@@ -137,14 +139,13 @@ def analyse_run(spec: Any, results: Mapping[str, Any], out_dir: Path, *, as_json
     else:
         console = wide_console(stream)
         failures = {side: r.failures for side, r in results.items() if r.failures}
-        for side, failed in failures.items():
-            for module, error in failed.items():
-                console.print(f"[yellow]warning:[/] {side}: recording {module!r} failed: {error}", highlight=False)
+        for line in failure_lines(failures):
+            console.print(f"warning: {line}", style="yellow", highlight=False, markup=False)
         if analysis.preflight is not None:
             render_preflight(analysis.preflight, console, diff=analysis.result)
         render_terminal(analysis.result, console)
         if analysis.preset_note:
-            console.print(analysis.preset_note, style="yellow", highlight=False, markup=False)
+            console.print(analysis.preset_note, style="yellow", highlight=False, markup=False, soft_wrap=True)
         console.print(f"traces and reports: {out_dir}/ ({', '.join(sorted(p.name for p in _outputs(out_dir)))})",
                       highlight=False, markup=False)
     return 0 if analysis else 1

@@ -16,7 +16,9 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from tracediff.errors import ENV_DEBUG, TracediffError, debug_enabled, describe_user_error
 
@@ -113,7 +115,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     debug = debug_enabled()
     prefix = f"tracediff {args.command}: error:"
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            if not debug:  # --debug keeps Python's own format, with the file and line that warned
+                warnings.showwarning = _one_line_warning
+            return int(args.func(args))
     except TracediffError as exc:
         _traceback(debug)
         print(f"{prefix} {_one_line(str(exc))}", file=sys.stderr)
@@ -131,6 +136,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         hint = "" if debug else f"; run again with --debug (or {ENV_DEBUG}=1) for the full traceback"
         print(f"{prefix} unexpected {_one_line(describe_user_error(exc))}{hint}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: TextIO | None = None, line: str | None = None) -> None:
+    """A warning as one line (``tracediff: warning: …``), not Python's two (the file and the code that warned)."""
+    text = _one_line(str(message)).removeprefix("tracediff: ")
+    kind = "" if category in (UserWarning, RuntimeWarning) else f"{category.__name__}: "
+    print(f"tracediff: warning: {kind}{text}", file=file or sys.stderr)
 
 
 def _traceback(debug: bool) -> None:

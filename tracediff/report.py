@@ -80,7 +80,7 @@ def headline(result: DiffResult) -> str:
     """The one line that answers the question.
 
     ``first drift: blocks.7.ffn.fc_in (upstream blocks.7.ffn.net.0.proj), step 0,
-    call 0, tensor out: max abs error 3.1e-02 > tol 1.0e-05``
+    call 0, tensor out: abs error 3.1e-02 > tol 1.0e-05 at the worst element (…)``
     """
     first = result.first_drift
     if first is None:

@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from typing import Any
-
-from rich.console import Console
 
 from tracediff.commands import command_parser
 from tracediff.diff import DEFAULT_FAIL_ON, KINDS, diff_traces
 from tracediff.errors import DiffError
-from tracediff.report import render_terminal, to_json, write_html
+from tracediff.report import render_terminal, to_json, wide_console, write_html
 from tracediff.store.load import is_rank_set, load_trace
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, parse_override, preset
 from tracediff.trace import Trace
@@ -118,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump({**to_json(result), "preflight": preflight_json(preflight, result)}, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            console = _console()
+            console = wide_console()
             render_preflight(preflight, console, diff=result)
             render_terminal(result, console)
             for line in _merge_lines(upstream, "upstream") + _merge_lines(port, "port"):
@@ -201,14 +198,6 @@ def _merge_lines(trace: Trace, name: str) -> list[str]:
     if info.get("samples_dropped"):
         extra.append(f"{info['samples_dropped']} sharded samples dropped (no full tensors)")
     return [line + ("; " + "; ".join(extra) if extra else "")]
-
-
-def _console() -> Console:
-    """A console; piped output (CI logs) gets a wide line so module names stay whole."""
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=160)
-    return console
 
 
 def _tolerance(args: argparse.Namespace) -> Tolerance:

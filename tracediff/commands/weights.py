@@ -13,7 +13,6 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console
 from rich.text import Text
 
 from tracediff.alignment import Alignment
@@ -88,10 +87,9 @@ def run(args: argparse.Namespace) -> int:
 def render(result: Any, *, show_all: bool = False) -> None:
     """Findings table (every parameter with ``show_all``), then the counts and inputs lines."""
     from tracediff.preflight.render import findings_table
+    from tracediff.report import wide_console
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))
+    console = wide_console()
     rows = [*result.input_findings]
     rows += result.params if show_all else [p for p in result.params if p.finding]
     if rows:
