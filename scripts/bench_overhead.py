@@ -1,51 +1,71 @@
-"""Measure what tracing costs a forward pass of a realistically sized video DiT.
+"""Measure what tracing costs a forward pass of a realistically sized video DiT, against the issue's targets.
 
-The model is the Wan2.1-style DiT of the demo (``tracediff.demo.upstream_dit``)
-at the Wan 1.3B shape by default: 30 blocks, hidden 1536, FFN 8960, 12 heads,
-a 16x21x60x104 latent (32,760 tokens) and 512 text tokens, in bf16, with
-random weights. One run measures, in this order:
+The model is the Wan2.1-style DiT of the demo (``tracediff.demo.upstream_dit``,
+Wan's module structure: ``blocks.N.self_attn.q``, ``ffn.0``, ...) with random
+weights, in bf16, at a Wan shape (``--shape``):
 
-* the forward untraced (at the start and again at the end, to show drift);
+* ``1.3b``: 30 blocks, hidden 1536, FFN 8960, 12 heads;
+* ``14b``: 40 blocks, hidden 5120, FFN 13824, 40 heads (28 GB of weights);
+
+with a 16x21x60x104 latent (32,760 tokens: 81 frames at 480x832) and 512 text
+tokens. ``--layers N`` cuts the depth (memory, time).
+
+Modes, measured side by side in one run:
+
+* untraced;
 * ``attach`` with tracing switched off (no hook is registered);
-* tracediff stats tracing (``abs_mean,sum,min,max,mean,std``) of the blocks
-  (``^blocks\\.\\d+$``) and of every module, plus ``sample`` at every module;
-* the same with module inputs recorded too (``inputs=True``, what ``run`` and the
-  pytest plugin do by default), at the block and all-modules level;
-* the same all-modules trace with the statistics reduced the way tracediff 0.1
-  did (float64 PyTorch reductions) and with PyTorch float32 reductions instead
-  of the fused kernel, to show what each change is worth;
-* a ``full`` trace of two blocks (small enough for the disk to keep up);
-* a naive hand-written hook (one ``.float()`` copy and one ``.item()`` per
-  statistic per tensor, written as JSON lines), at the block and all-modules
-  level;
-* the moments of one large activation by each reduction method (micro-benchmark);
-* a ``full`` trace of every block for a few steps: sustained throughput to the
-  disk against the disk's own sequential write speed, measured in this run.
+* tracediff on the blocks (``^blocks\\.\\d+$``): stats only, and the default configuration;
+* tracediff on every module: stats only, and the default configuration;
+* a FastVideo-style hook on every module: FastVideo's own tracer
+  (``fastvideo/hooks/activation_trace.py``) reproduced, per statistic one ``.float()``
+  copy of the tensor and one ``.item()``, one JSON line per tensor, line-buffered.
 
-Each forward is timed with the device synchronised before and after it only;
-the figure is the median of ``--repeat`` forwards after ``--warmup`` forwards.
-Peak device memory is taken per mode and compared with the untraced forward's.
+The *default configuration* is what ``tracediff run`` and the pytest plugin record:
+stats ``abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample`` and every traced
+module's inputs. *Stats only* drops ``sample`` and the inputs. The FastVideo-style hook
+records FastVideo's full list ``abs_mean,sum,min,max,mean,std,shape,dtype``.
 
-Usage::
+Timing: ``--rounds`` rounds; each round runs every mode, in a rotating order, for
+``--warmup`` forwards and then ``--repeat`` timed forwards (``--fastvideo-repeat`` for the
+FastVideo-style hook), each forward one ``trace_step``, the device synchronised before
+and after each forward only. A mode's overhead is, per round, its median forward over
+the same round's untraced median; the figure is the median over rounds.
 
-    python scripts/bench_overhead.py                      # CUDA, Wan 1.3B shape
-    python scripts/bench_overhead.py --layers 40 --dim 5120 --ffn-dim 13824 --heads 40   # Wan 14B shape
-    python scripts/bench_overhead.py --smoke              # CPU, tiny, seconds (CI)
+Honesty: every trace measured is checked when it is closed. A trace whose handle
+reports failures, or that holds another number of records than the forwards must
+have written (counted beforehand with plain PyTorch hooks: the model's inputs and
+output, and each traced module call's output tensors, and input tensors where inputs
+are traced), is REFUSED: its figure is not reported, nor any target that needs it,
+and the script exits with status 3. ``--plant-failure`` adds a module whose output no
+tracer can record (a meta tensor), to see that happen.
+
+Only tracediff's public API is used (``attach``, ``TraceConfig``, ``trace_step``,
+``current_step`` and the handle's ``failures``, ``records_written``, ``enabled``),
+so the script runs from a checkout without installing it::
+
+    PYTHONPATH=. python scripts/bench_overhead.py --shape 1.3b --json /tmp/bench-1.3b.json
+    PYTHONPATH=. python scripts/bench_overhead.py --shape 14b --rounds 2 --json /tmp/bench-14b.json
+    PYTHONPATH=. python scripts/bench_overhead.py --smoke                 # CPU, tiny, seconds (CI)
+
+``--compile`` times ``torch.compile`` instead; ``--full-steps N`` adds the write rate of a
+``full`` trace of every block against the disk's own.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +75,46 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tracediff import TraceConfig, attach, trace_step  # noqa: E402
-from tracediff.demo.upstream_dit import WanLikeModel  # noqa: E402
-from tracediff.hooks import fused, stats  # noqa: E402
-from tracediff.hooks import recorder as recorder_module  # noqa: E402
-from tracediff.hooks.flatten import iter_tensors  # noqa: E402
+from tracediff import TraceConfig, attach, current_step, trace_step  # noqa: E402
+from tracediff.demo.upstream_dit import WanLikeModel, rope_params  # noqa: E402
 
-STATS = "abs_mean,sum,min,max,mean,std"
+#: What ``tracediff run`` and the pytest plugin record by default (``tracediff.spec.DEFAULT_STATS``,
+#: checked by tests/test_benchmarks.py), with module inputs.
+DEFAULT_STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"
+STATS_ONLY = "abs_mean,sum,min,max,std,l2,nan_count,inf_count"
+#: FastVideo's full stat list, what its tracer records when asked for everything.
+FASTVIDEO_STATS = "abs_mean,sum,min,max,mean,std,shape,dtype"
 BLOCKS = r"^blocks\.\d+$"
-#: A full trace small enough for the disk to keep up: does the GPU then run at full speed?
-FULL_TWO_BLOCKS = r"^blocks\.(0|1)$"
+
+SHAPES: dict[str, dict[str, int]] = {
+    "1.3b": {"dim": 1536, "layers": 30, "heads": 12, "ffn_dim": 8960},
+    "14b": {"dim": 5120, "layers": 40, "heads": 40, "ffn_dim": 13824},
+}
+
+#: Targets of issue 20: overhead ceilings, and how much cheaper than the FastVideo-style hook.
+TARGET_BLOCKS = 0.01
+TARGET_ALL_DEFAULT = 0.08
+TARGET_RATIO = 25.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    kind: str  # "untraced", "off", "tracediff", "fastvideo"
+    layers: str | None = None
+    stats: str = ""
+    inputs: bool = False
+
+
+MODES = (
+    Mode("untraced", "untraced"),
+    Mode("tracing off (attach, disabled)", "off"),
+    Mode("blocks, stats only", "tracediff", BLOCKS, STATS_ONLY),
+    Mode("blocks, default config", "tracediff", BLOCKS, DEFAULT_STATS, True),
+    Mode("all modules, stats only", "tracediff", None, STATS_ONLY),
+    Mode("all modules, default config", "tracediff", None, DEFAULT_STATS, True),
+    Mode("FastVideo-style hook, all modules", "fastvideo", None, FASTVIDEO_STATS),
+)
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -86,7 +136,12 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor]]
             else:
                 param.normal_(0.0, param[0].numel() ** -0.5)
     model = model.to(dtype).eval()
-    model.freqs = model.freqs if model.freqs.device.type != "meta" else _freqs(model, args)
+    d = args.dim // args.heads
+    model.freqs = torch.cat(
+        [rope_params(1024, d - 4 * (d // 6)), rope_params(1024, 2 * (d // 6)), rope_params(1024, 2 * (d // 6))], dim=1
+    ).to(args.device)
+    if args.plant_failure:
+        plant_failure(model)
     inputs = {
         "x": torch.randn(1, 16, args.frames, args.height, args.width, device=args.device, dtype=dtype),
         "t": torch.tensor([500.0], device=args.device),
@@ -95,13 +150,169 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor]]
     return model, inputs
 
 
-def _freqs(model: WanLikeModel, args: argparse.Namespace) -> torch.Tensor:
-    from tracediff.demo.upstream_dit import rope_params
+class UnrecordableProbe(nn.Module):
+    """Returns a meta tensor: no tracer can record its values (tracediff reports the module as failed)."""
 
-    d = args.dim // args.heads
-    return torch.cat(
-        [rope_params(1024, d - 4 * (d // 6)), rope_params(1024, 2 * (d // 6)), rope_params(1024, 2 * (d // 6))], dim=1
-    ).to(args.device)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
+def plant_failure(model: nn.Module) -> None:
+    """Add ``probe``, a submodule called (by a plain PyTorch hook) after block 0, whose output is unrecordable.
+
+    The model's output is unchanged; the all-modules traces lose the probe's record and
+    report it as failed, so the benchmark must refuse them. Block-level traces do not
+    select it and stay valid.
+    """
+    model.add_module("probe", UnrecordableProbe())
+
+    def call_probe(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        model.probe(output)
+
+    model.blocks[0].register_forward_hook(call_probe)
+
+
+# -- what a trace must hold ------------------------------------------------------------------
+
+
+def tensor_leaves(obj: Any, depth: int = 0) -> int:
+    """Tensors inside a module's output or arguments (tuples, lists, mappings, dataclasses)."""
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if depth >= 16:
+        return 0
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_leaves(item, depth + 1) for item in obj)
+    if isinstance(obj, Mapping):
+        return sum(tensor_leaves(item, depth + 1) for item in obj.values())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_leaves(getattr(obj, f.name, None), depth + 1) for f in dataclasses.fields(obj))
+    return 0
+
+
+@dataclasses.dataclass
+class CallCounts:
+    """Per module name (``""``: the model): calls, output tensors and input tensors in one forward."""
+
+    calls: dict[str, int]
+    outputs: dict[str, int]
+    inputs: dict[str, int]
+
+    def selected(self, layers: str | None) -> list[str]:
+        pattern = re.compile(layers) if layers else None
+        return [n for n in self.calls if n and (pattern is None or pattern.search(n))]
+
+    def records(self, mode: Mode) -> int:
+        """Records one forward must add to a trace of ``mode``."""
+        names = self.selected(mode.layers)
+        if mode.kind == "fastvideo":  # one JSON line per output tensor of each traced module
+            return sum(self.outputs[n] for n in names)
+        total = self.inputs[""] + self.outputs[""] + sum(self.outputs[n] for n in names)
+        return total + (sum(self.inputs[n] for n in names) if mode.inputs else 0)
+
+    def traced_calls(self, layers: str | None) -> int:
+        return sum(self.calls[n] for n in self.selected(layers))
+
+
+def count_calls(model: nn.Module, inputs: dict[str, torch.Tensor]) -> CallCounts:
+    """One forward with plain PyTorch hooks on every module, counting calls and tensors."""
+    calls = {name: 0 for name, _ in model.named_modules()}
+    outputs = dict.fromkeys(calls, 0)
+    inputs_seen = dict.fromkeys(calls, 0)
+    handles = []
+    for name, module in model.named_modules():
+
+        def pre(module: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+            inputs_seen[name] += tensor_leaves(args) + tensor_leaves(kwargs)
+
+        def post(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
+            calls[name] += 1
+            outputs[name] += tensor_leaves(output)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CallCounts(calls, outputs, inputs_seen)
+
+
+# -- the FastVideo-style hook -----------------------------------------------------------------------
+
+
+def _fastvideo_stat_fns() -> dict[str, Callable[[torch.Tensor], Any]]:
+    """FastVideo's ``_STAT_FNS``: each numeric statistic makes its own float copy and reads one number back."""
+    return {
+        "abs_mean": lambda t: float(t.detach().float().abs().mean().item()),
+        "sum": lambda t: float(t.detach().float().sum().item()),
+        "min": lambda t: float(t.detach().float().min().item()),
+        "max": lambda t: float(t.detach().float().max().item()),
+        "mean": lambda t: float(t.detach().float().mean().item()),
+        "std": lambda t: float(t.detach().float().std().item()),
+        "shape": lambda t: list(t.shape),
+        "dtype": lambda t: str(t.dtype),
+    }
+
+
+def _flatten_tensors(obj: Any, prefix: str = "out") -> list[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, (tuple, list)):
+        return [pair for i, item in enumerate(obj) for pair in _flatten_tensors(item, f"{prefix}[{i}]")]
+    if isinstance(obj, dict):
+        return [pair for key, value in obj.items() for pair in _flatten_tensors(value, f"{prefix}.{key}")]
+    return []
+
+
+class FastVideoStyleTracer:
+    """FastVideo's activation tracer (``fastvideo/hooks/activation_trace.py``), reproduced with plain hooks.
+
+    Per output tensor of each matching module: one JSON line, every statistic computed
+    by its own ``t.detach().float()...item()`` (a float copy and a device sync each), a
+    failing statistic written as ``"<error: ...>"``, lines written to a line-buffered
+    file under a lock. FastVideo registers its hooks by wrapping ``forward`` through its
+    ``ModuleHookManager``; here ``register_forward_hook`` does the same work.
+    """
+
+    def __init__(self, model: nn.Module, path: Path, layers: str | None, stats: str = FASTVIDEO_STATS) -> None:
+        fns = _fastvideo_stat_fns()
+        self.stats = [(name, fns[name]) for name in stats.split(",")]
+        pattern = re.compile(layers) if layers else re.compile(".*")
+        self.path = path
+        self.file = path.open("a", buffering=1)
+        self.lock = threading.Lock()
+        self.records_written = 0
+        self.failures: dict[str, str] = {}  # never filled: like FastVideo's, this tracer writes errors as values
+        self.handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules()
+            if name and pattern.search(name)
+        ]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            step = current_step()
+            for label, tensor in _flatten_tensors(output):
+                record: dict[str, Any] = {"module": name, "tensor": label, "step": step}
+                for stat, fn in self.stats:
+                    try:
+                        record[stat] = fn(tensor)
+                    except Exception as exc:
+                        record[stat] = f"<error: {exc!r}>"
+                line = json.dumps(record, default=str) + "\n"
+                with self.lock:
+                    self.file.write(line)
+                    self.records_written += 1
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.file.close()
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -113,157 +324,274 @@ def sync(device: str) -> None:
 
 
 def time_forwards(
-    model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, *, warmup: int, repeat: int
+    model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, *, warmup: int, repeat: int,
+    first_step: int = 0,
 ) -> dict[str, Any]:
-    """Median wall time of ``repeat`` forwards after ``warmup``; sync at the boundaries only."""
+    """Median wall time of ``repeat`` forwards after ``warmup``, each one step; sync at the boundaries only."""
     times, enqueue = [], []
-    step = 0
     with torch.no_grad():
         for i in range(warmup + repeat):
             sync(args.device)
             t0 = time.perf_counter()
-            with trace_step(step):
+            with trace_step(first_step + i):
                 model(**inputs)
             t1 = time.perf_counter()
             sync(args.device)
             t2 = time.perf_counter()
-            step += 1
             if i >= warmup:
                 times.append(t2 - t0)
                 enqueue.append(t1 - t0)
     return {"median": statistics.median(times), "times": times, "host": statistics.median(enqueue)}
 
 
-@contextlib.contextmanager
-def peak_memory(device: str) -> Iterator[dict[str, int]]:
-    out = {"peak": 0}
-    if device.startswith("cuda"):
+class Refused(Exception):
+    """A measured trace is broken: its figure must not be reported."""
+
+
+def check(tracer: Any, mode: Mode, expected: int) -> None:
+    """Refuse a trace that reports failures or holds another number of records than the forwards made."""
+    if tracer.failures:
+        raise Refused(f"the trace reports failures: {tracer.failures}")
+    if tracer.records_written != expected:
+        raise Refused(f"the trace holds {tracer.records_written} records where the module calls give {expected}")
+
+
+def run_mode(
+    mode: Mode, model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, folder: Path,
+    counts: CallCounts, tag: str,
+) -> dict[str, Any]:
+    """Attach ``mode``'s tracer, time forwards, close it, check what it wrote; timings and peak memory."""
+    repeat = args.fastvideo_repeat if mode.kind == "fastvideo" else args.repeat
+    path = folder / f"{tag}.{'jsonl' if mode.kind == 'fastvideo' else 'h5'}"
+    if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    yield out
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        out["peak"] = torch.cuda.max_memory_allocated()
-
-
-# -- the ways of reducing moments ----------------------------------------------------------------
-
-
-def moments_v1(tensor: torch.Tensor) -> torch.Tensor:
-    """tracediff 0.1's moments: float64 PyTorch reductions (a float64 copy of the tensor per reduction)."""
-    values, _ = stats.value_view(tensor)
-    if values.numel() == 0:
-        return torch.tensor([0.0, 0.0, 0.0, float("nan"), float("nan"), 0.0, 0.0], dtype=torch.float64,
-                            device=values.device)
-    acc = torch.float64
-    low, high = torch.aminmax(values)
-    return torch.stack([
-        values.sum(dtype=acc),
-        torch.linalg.vector_norm(values, 1, dtype=acc),
-        torch.linalg.vector_norm(values, 2, dtype=acc).square(),
-        low.to(acc),
-        high.to(acc),
-        torch.isnan(values).sum(dtype=torch.int64).to(acc),
-        torch.isinf(values).sum(dtype=torch.int64).to(acc),
-    ])
-
-
-@contextlib.contextmanager
-def moments_method(name: str) -> Iterator[None]:
-    """Run tracediff with another reduction method: ``fused`` (default), ``torch-f32`` or ``v1-f64``."""
-    saved_fn, saved_ok = recorder_module.moments, fused._state["ok"]
+    tracer: Any = None
+    if mode.kind == "off":
+        tracer = attach(model, side="port", config=TraceConfig(enabled=False), output=path)
+        if tracer.enabled:
+            raise Refused("attach registered hooks with tracing switched off")
+    elif mode.kind == "tracediff":
+        config = TraceConfig(layers=mode.layers, stats=mode.stats, inputs=mode.inputs)
+        tracer = attach(model, side="port", config=config, output=path)
+    elif mode.kind == "fastvideo":
+        tracer = FastVideoStyleTracer(model, path, mode.layers, mode.stats)
     try:
-        if name == "v1-f64":
-            recorder_module.moments = moments_v1
-        elif name == "torch-f32":
-            fused._state["ok"] = False
-        yield
+        row = time_forwards(model, inputs, args, warmup=args.warmup, repeat=repeat)
     finally:
-        recorder_module.moments, fused._state["ok"] = saved_fn, saved_ok
+        if tracer is not None:
+            tracer.close()
+    row["peak"] = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0
+    if mode.kind in ("tracediff", "fastvideo"):
+        try:
+            check(tracer, mode, counts.records(mode) * (args.warmup + repeat))
+        finally:
+            path.unlink(missing_ok=True)
+    return row
 
 
-#: Kernel shapes tried in the micro-benchmark: (elements per iteration, warps, programs).
-FUSED_CONFIGS = ((4096, 8, 1024), (2048, 8, 1024), (2048, 8, 2048), (1024, 4, 2048), (4096, 16, 1024),
-                 (2048, 4, 4096))
+# -- the run -------------------------------------------------------------------------------------------
 
 
-def _fused_config(block: int, warps: int, programs: int) -> Callable[[torch.Tensor], Any]:
-    def run(x: torch.Tensor) -> Any:
-        with torch.cuda.device(x.device):
-            return fused.launch(x, block=block, warps=warps, programs=programs)
+def make_parser() -> argparse.ArgumentParser:
+    """The flags (profile_overhead.py takes the same)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b", help="Wan model shape (default 1.3b)")
+    parser.add_argument("--layers", type=int, help="DiT blocks (default: the shape's; fewer cut memory and time)")
+    parser.add_argument("--dim", type=int, help="hidden size (default: the shape's)")
+    parser.add_argument("--ffn-dim", type=int, help="FFN size (default: the shape's)")
+    parser.add_argument("--heads", type=int, help="attention heads (default: the shape's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--text-dim", type=int, default=4096)
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
+    parser.add_argument("--height", type=int, default=60, help="latent height (60 = 480 px)")
+    parser.add_argument("--width", type=int, default=104, help="latent width (104 = 832 px)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every mode, interleaved")
+    parser.add_argument("--warmup", type=int, default=1, help="forwards per mode and round before timing")
+    parser.add_argument("--repeat", type=int, default=3, help="timed forwards per mode and round")
+    parser.add_argument("--fastvideo-repeat", type=int, default=2, help="timed forwards of the FastVideo-style hook")
+    parser.add_argument("--full-steps", type=int, default=0,
+                        help="steps of a full-tensor trace of every block (0 = skip)")
+    parser.add_argument("--disk-bytes", type=float, default=8e9, help="bytes written by the disk-speed test")
+    parser.add_argument("--workdir", help="folder for trace files (default: a temporary folder)")
+    parser.add_argument("--json", help="also write all figures to this JSON file")
+    parser.add_argument("--plant-failure", action="store_true",
+                        help="add a module whose output cannot be recorded: the all-modules figures must be refused")
+    parser.add_argument("--full-only", action="store_true", help="only the full-trace write rate and the disk")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, one repetition (CI)")
+    parser.add_argument("--compile", action="store_true",
+                        help="only torch.compile: eager and compiled forwards, untraced and traced")
+    return parser
 
-    return run
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    args = make_parser().parse_args(argv)
+    shape = SHAPES[args.shape]
+    for key in ("layers", "dim", "ffn_dim", "heads"):
+        if getattr(args, key) is None:
+            setattr(args, key, shape[key])
+    if args.smoke:
+        args.device, args.dtype = "cpu", "float32"
+        args.layers, args.dim, args.ffn_dim, args.heads, args.text_dim, args.text_len = 2, 64, 128, 4, 32, 8
+        args.frames, args.height, args.width = 2, 8, 8
+        args.rounds, args.warmup, args.repeat, args.fastvideo_repeat = 1, 1, 1, 1
+        args.full_steps = min(args.full_steps, 1)
+        args.disk_bytes = 1e6
+    return args
 
 
-def micro_moments(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    """Moments of single activations of the model's sizes, per method."""
-    dtype = getattr(torch, args.dtype)
-    tokens = args.frames * (args.height // 2) * (args.width // 2)
-    for width in (args.dim, args.ffn_dim):
-        x = torch.randn(tokens, width, device=args.device, dtype=dtype)
-        methods: list[tuple[str, Callable[[torch.Tensor], Any]]] = [
-            ("fused", stats.moments), ("torch-f32", stats.moments), ("v1-f64", moments_v1),
-        ]
-        if fused.supports(x):
-            for block, warps, programs in FUSED_CONFIGS:
-                methods.append((f"fused {block}/{warps}w/{programs}p", _fused_config(block, warps, programs)))
-        for method, fn in methods:
-            if method.startswith("fused") and not fused.supports(x):
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    model, inputs = build(args)
+    folder = Path(tempfile.mkdtemp(prefix="tracediff-bench-", dir=args.workdir))
+    print(f"bench_overhead: {describe(args)}", flush=True)
+    try:
+        if args.full_only:
+            return full_only(model, inputs, args, folder)
+        if args.compile:
+            return compile_only(model, inputs, args, folder)
+        return overhead(model, inputs, args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def overhead(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, folder: Path) -> int:
+    counts = count_calls(model, inputs)
+    rounds: dict[str, list[dict[str, Any]]] = {mode.name: [] for mode in MODES}
+    refused: dict[str, str] = {}
+    for r in range(args.rounds):
+        order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]
+        for mode in order:
+            if mode.name in refused:
                 continue
-            with moments_method(method):
-                for _ in range(3):
-                    fn(x)
-                sync(args.device)
-                reps = 10
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn(x)
-                sync(args.device)
-                seconds = (time.perf_counter() - t0) / reps
-            results.append({"shape": f"{tokens}x{width}", "method": method, "ms": seconds * 1e3,
-                            "gbps": x.numel() * x.element_size() / seconds / 1e9})
-        del x
+            try:
+                row = run_mode(mode, model, inputs, args, folder, counts, f"r{r}-{MODES.index(mode)}")
+            except Refused as exc:
+                refused[mode.name] = str(exc)
+                print(f"  round {r + 1}: {mode.name:<36} REFUSED: {exc}", flush=True)
+                continue
+            rounds[mode.name].append(row)
+            print(f"  round {r + 1}: {mode.name:<36} {row['median'] * 1e3:9.1f} ms", flush=True)
+    full = disk = None
+    if args.full_steps > 0:
+        full = full_trace_throughput(model, inputs, args, folder)
+        disk = disk_write_speed(folder, int(args.disk_bytes))
+    results = summarise(rounds, refused, counts)
+    report(args, results, counts, full, disk)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "device": device_name(args), "command": command(), "date": now(),
+            "results": results, "refused": refused, "rounds": rounds, "full": full, "disk_bytes_per_s": disk,
+        }, indent=2, default=str))
+    return 3 if refused else 0
 
 
-# -- the naive hook ---------------------------------------------------------------------------------
+def summarise(
+    rounds: dict[str, list[dict[str, Any]]], refused: dict[str, str], counts: CallCounts
+) -> dict[str, dict[str, Any]]:
+    """Per mode: median forward, median per-round overhead against that round's untraced forward, memory."""
+    base_rounds = rounds["untraced"]
+    out: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        if mode.name in refused or not rounds[mode.name]:
+            out[mode.name] = {"refused": refused.get(mode.name, "not measured")}
+            continue
+        mine = rounds[mode.name]
+        ratios = [m["median"] / b["median"] - 1.0 for m, b in zip(mine, base_rounds, strict=False)]
+        base_peak = max(b["peak"] for b in base_rounds) if base_rounds else 0
+        out[mode.name] = {
+            "forward_ms": statistics.median(m["median"] for m in mine) * 1e3,
+            "overhead": statistics.median(ratios) if ratios else 0.0,
+            "overhead_rounds": ratios,
+            "host_ms": statistics.median(m["host"] for m in mine) * 1e3,
+            "peak_added_mib": (max(m["peak"] for m in mine) - base_peak) / 2**20,
+            "base_peak_gib": base_peak / 2**30,
+            "traced_calls": counts.traced_calls(mode.layers) if mode.kind in ("tracediff", "fastvideo") else 0,
+            "records_per_forward": counts.records(mode) if mode.kind in ("tracediff", "fastvideo") else 0,
+        }
+    untraced = [b["median"] for b in base_rounds]
+    if len(untraced) > 1:
+        out["untraced"]["spread"] = (max(untraced) - min(untraced)) / statistics.median(untraced)
+    return out
 
 
-class NaiveTracer:
-    """What a hand-written tracing hook does: per tensor a float copy, per statistic a ``.item()``."""
+def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) rows: PASS, MISS, or REFUSED when a figure it needs was refused."""
 
-    def __init__(self, model: nn.Module, path: Path, layers: str | None) -> None:
-        import re
+    def figure(name: str) -> float | None:
+        return None if "refused" in results[name] else results[name]["overhead"]
 
-        pattern = re.compile(layers) if layers else None
-        self.file = path.open("w")
-        self.handles = [
-            module.register_forward_hook(self._hook(name))
-            for name, module in model.named_modules()
-            if name and (pattern is None or pattern.search(name))
-        ]
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            for label, tensor in iter_tensors(output):
-                x = tensor.detach().float()
-                record = {"name": name, "label": label, "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
-                record["abs_mean"] = x.abs().mean().item()
-                record["sum"] = x.sum().item()
-                record["min"] = x.min().item()
-                record["max"] = x.max().item()
-                record["mean"] = x.mean().item()
-                record["std"] = x.std().item()
-                self.file.write(json.dumps(record) + "\n")
-
-        return hook
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.file.close()
+    rows: list[tuple[str, str, str]] = []
+    for name in ("blocks, stats only", "blocks, default config"):
+        value = figure(name)
+        rows.append((f"{name} <= {TARGET_BLOCKS * 100:.0f} %",
+                     "—" if value is None else f"{value * 100:+.2f} %",
+                     "REFUSED" if value is None else ("PASS" if value <= TARGET_BLOCKS else "MISS")))
+    value = figure("all modules, default config")
+    rows.append((f"all modules, default config <= {TARGET_ALL_DEFAULT * 100:.0f} %",
+                 "—" if value is None else f"{value * 100:+.2f} %",
+                 "REFUSED" if value is None else ("PASS" if value <= TARGET_ALL_DEFAULT else "MISS")))
+    fastvideo = figure("FastVideo-style hook, all modules")
+    label = f"FastVideo-style overhead / tracediff default overhead, all modules >= {TARGET_RATIO:.0f}x"
+    if value is None or fastvideo is None:
+        rows.append((label, "—", "REFUSED"))
+    else:
+        ratio = fastvideo / value if value > 0 else float("inf")
+        rows.append((label, f"{fastvideo * 100:.1f} % / {value * 100:.2f} % = {ratio:.1f}x",
+                     "PASS" if ratio >= TARGET_RATIO else "MISS"))
+    return rows
 
 
-# -- disk ---------------------------------------------------------------------------------------------
+def report(
+    args: argparse.Namespace, results: dict[str, dict[str, Any]], counts: CallCounts,
+    full: dict[str, Any] | None, disk: float | None,
+) -> None:
+    print()
+    print("tracediff bench_overhead")
+    print(f"machine : {device_name(args)}, host {platform.node()}")
+    print(f"date    : {now()}")
+    print(f"command : {command()}")
+    print(f"model   : {describe(args)}; modules traced: blocks {counts.traced_calls(BLOCKS)} calls, "
+          f"all {counts.traced_calls(None)} calls per forward")
+    print(f"timing  : {args.rounds} round(s) of every mode, rotating order; per mode and round {args.repeat} "
+          f"forwards ({args.fastvideo_repeat} for the FastVideo-style hook) after {args.warmup} warm-up; "
+          "overhead = median over rounds of (mode / same round's untraced - 1)")
+    print(f"configs : default = stats {DEFAULT_STATS} + module inputs; stats only = {STATS_ONLY}; "
+          f"FastVideo-style = {FASTVIDEO_STATS}")
+    spread = results["untraced"].get("spread")
+    if spread is not None:
+        print(f"noise   : untraced forward, spread over rounds {spread * 100:.2f} %")
+    print()
+    print("| mode | forward (ms) | overhead | host enqueue (ms) | records / forward | peak mem added (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode in MODES:
+        row = results[mode.name]
+        if "refused" in row:
+            print(f"| {mode.name} | REFUSED: {row['refused']} | | | | |")
+            continue
+        overhead_text = "—" if mode.kind == "untraced" else f"{row['overhead'] * 100:+.1f} %"
+        print(f"| {mode.name} | {row['forward_ms']:.1f} | {overhead_text} | {row['host_ms']:.1f} | "
+              f"{row['records_per_forward'] or '—'} | {row['peak_added_mib']:.1f} |")
+    print()
+    print("| target | measured | verdict |")
+    print("|---|---|---|")
+    for target, measured, verdict in targets(results):
+        print(f"| {target} | {measured} | {verdict} |")
+    if full is not None and disk is not None:
+        print()
+        print(f"full trace of every block: {full['bytes'] / 1e9:.2f} GB in {full['seconds']:.2f} s over "
+              f"{args.full_steps} steps = {full['rate'] / 1e9:.2f} GB/s (close and fsync included); disk sequential "
+              f"write {disk / 1e9:.2f} GB/s (os.write + fsync): {full['rate'] / disk * 100:.0f} %")
+    refused = [name for name, row in results.items() if "refused" in row]
+    if refused:
+        print()
+        print(f"REFUSED: {len(refused)} mode(s) measured a broken trace; their figures are not reported "
+              f"({', '.join(refused)})")
+
+
+# -- full-tensor traces and the disk --------------------------------------------------------------------
 
 
 def disk_write_speed(folder: Path, nbytes: int) -> float:
@@ -284,84 +612,22 @@ def disk_write_speed(folder: Path, nbytes: int) -> float:
     return written / seconds
 
 
-def h5_write_speed(folder: Path, nbytes: int, chunk: int) -> float:
-    """Append float32 data to a chunked HDF5 dataset the way the trace writer does; bytes/s, fsync included."""
-    import h5py
-    import numpy as np
-
-    from tracediff.store.writer import WRITE_SLICE
-
-    path = folder / f"h5-speed-{chunk}.h5"
-    piece = np.random.default_rng(0).standard_normal(16 << 20, dtype=np.float32)  # 64 MiB
-    written = 0
-    t0 = time.perf_counter()
-    with h5py.File(path, "w") as f:
-        data = f.create_dataset("v", shape=(0,), maxshape=(None,), dtype="f4", chunks=(chunk,))
-        while written < nbytes:
-            start = data.shape[0]
-            data.resize((start + piece.size,))
-            for lo in range(0, piece.size, WRITE_SLICE):
-                data[start + lo : start + lo + WRITE_SLICE] = piece[lo : lo + WRITE_SLICE]
-            written += piece.nbytes
-        f.flush()
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    seconds = time.perf_counter() - t0
-    path.unlink()
-    return written / seconds
-
-
 def full_trace_throughput(
     model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, folder: Path
 ) -> dict[str, Any]:
-    """Trace every block's full output for ``--full-steps`` steps; bytes on disk over wall time (fsync included).
+    """Trace every block's full output for ``--full-steps`` steps after two warm-up steps: bytes over wall time.
 
-    The writer thread's time is split into building the step (waiting for the copies, converting) and
-    writing it, per step.
+    Timed from the first timed step to the trace closed (every step written) and fsynced.
     """
-    from tracediff.store import writer as writer_module
-
     path = folder / "full.h5"
     config = TraceConfig(layers=BLOCKS, stats="full")
-    phases: dict[str, list[float]] = {"build": [], "write": []}
-    real_finish, real_write = recorder_module._Staged.finish, writer_module.TraceWriter.write_step
-
-    def finish(self: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return real_finish(self)
-        finally:
-            phases["build"].append(time.perf_counter() - t)
-
-    def write(self: Any, step: int, batch: Any) -> None:
-        t = time.perf_counter()
-        try:
-            real_write(self, step, batch)
-        finally:
-            phases["write"].append(time.perf_counter() - t)
-
-    recorder_module._Staged.finish, writer_module.TraceWriter.write_step = finish, write
-    try:
-        result = _full_trace(model, inputs, args, path, config)
-    finally:
-        recorder_module._Staged.finish, writer_module.TraceWriter.write_step = real_finish, real_write
-    result["writer_build"] = phases["build"][2:]
-    result["writer_write"] = phases["write"][2:]
-    return result
-
-
-def _full_trace(
-    model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, path: Path, config: TraceConfig
-) -> dict[str, Any]:
     with torch.no_grad():
         handle = attach(model, side="port", config=config, output=path)
-        for step in (-2, -1):  # warm-up: pinned buffers for two steps in flight get allocated once
-            with trace_step(step + 2):
+        for step in range(2):  # warm-up: pinned buffers for two steps in flight get allocated once
+            with trace_step(step):
                 model(**inputs)
-        handle.recorder.drain()
-        start_bytes = path.stat().st_size
         sync(args.device)
+        start_bytes = path.stat().st_size
         forward_times = []
         t0 = time.perf_counter()
         for step in range(2, args.full_steps + 2):
@@ -375,154 +641,39 @@ def _full_trace(
         os.fsync(fd)
         os.close(fd)
         seconds = time.perf_counter() - t0
+    if handle.failures:
+        raise Refused(f"the full trace reports failures: {handle.failures}")
     written = path.stat().st_size - start_bytes
     path.unlink()
     return {"bytes": written, "seconds": seconds, "rate": written / seconds,
             "forward": statistics.median(forward_times), "forwards": forward_times}
 
 
-# -- the run -------------------------------------------------------------------------------------------
-
-
-def make_parser() -> argparse.ArgumentParser:
-    """The flags (profile_overhead.py takes the same)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--layers", type=int, default=30, help="DiT blocks (30: Wan 1.3B, 40: Wan 14B)")
-    parser.add_argument("--dim", type=int, default=1536)
-    parser.add_argument("--ffn-dim", type=int, default=8960)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--text-dim", type=int, default=4096)
-    parser.add_argument("--text-len", type=int, default=512)
-    parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
-    parser.add_argument("--height", type=int, default=60, help="latent height (60 = 480 px)")
-    parser.add_argument("--width", type=int, default=104, help="latent width (104 = 832 px)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--naive-repeat", type=int, default=3, help="timed forwards of the slow modes")
-    parser.add_argument("--full-steps", type=int, default=3, help="steps of the full-tensor trace (0 = skip)")
-    parser.add_argument("--disk-bytes", type=float, default=8e9, help="bytes written by the disk-speed test")
-    parser.add_argument("--workdir", help="folder for trace files (default: a temporary folder)")
-    parser.add_argument("--json", help="also write all figures to this JSON file")
-    parser.add_argument("--full-only", action="store_true", help="only the full-trace write rate and the disk")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, one repetition (CI)")
-    parser.add_argument("--compile", action="store_true",
-                        help="only torch.compile: eager and compiled forwards, untraced and traced")
-    return parser
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    args = make_parser().parse_args(argv)
-    if args.smoke:
-        args.device, args.dtype = "cpu", "float32"
-        args.layers, args.dim, args.ffn_dim, args.heads, args.text_dim, args.text_len = 2, 64, 128, 4, 32, 8
-        args.frames, args.height, args.width = 2, 8, 8
-        args.warmup, args.repeat, args.naive_repeat, args.full_steps, args.disk_bytes = 1, 1, 1, 1, 1e6
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    model, inputs = build(args)
-    tmp = tempfile.mkdtemp(prefix="tracediff-bench-", dir=args.workdir)
-    folder = Path(tmp)
-    rows: dict[str, dict[str, Any]] = {}
-
-    def measure(name: str, make: Callable[[], Any] | None, repeat: int | None = None,
-                method: str = "fused") -> None:
-        with peak_memory(args.device) as mem, moments_method(method):
-            handle = make() if make is not None else None
-            try:
-                row = time_forwards(model, inputs, args, warmup=args.warmup, repeat=repeat or args.repeat)
-            finally:
-                if handle is not None:
-                    handle.close()
-        row["peak"] = mem["peak"]
-        rows[name] = row
-        for trace in folder.glob("trace-*.h5"):
-            trace.unlink()
-        print(f"  {name:<34} {row['median'] * 1e3:9.1f} ms", flush=True)
-
-    def traced(layers: str | None, stats_: str = STATS, inputs: bool = False) -> Callable[[], Any]:
-        def make() -> Any:
-            out = folder / f"trace-{len(rows)}.h5"
-            config = TraceConfig(layers=layers, stats=stats_, inputs=inputs)
-            return attach(model, side="port", config=config, output=out)
-
-        return make
-
-    print(f"bench_overhead: {describe(args)}", flush=True)
-    if args.full_only:
-        return full_only(model, inputs, args, folder)
-    if args.compile:
-        return compile_only(model, inputs, args, folder)
-    measure("untraced", None)
-    measure("tracing off (attach, disabled)", lambda: attach(model, config=TraceConfig(enabled=False)))
-    measure("tracediff stats, blocks", traced(BLOCKS))
-    measure("tracediff stats, all modules", traced(None))
-    measure("tracediff stats+sample, all modules", traced(None, STATS + ",sample"))
-    measure("tracediff stats + module inputs, blocks", traced(BLOCKS, inputs=True))
-    measure("tracediff stats + module inputs, all modules", traced(None, inputs=True))
-    measure("tracediff full, 2 blocks", traced(FULL_TWO_BLOCKS, "full"))
-    measure("  same, torch f32 reductions", traced(None), method="torch-f32")
-    measure("  same, v0.1 f64 reductions", traced(None), repeat=args.naive_repeat, method="v1-f64")
-    measure("naive hook, blocks", lambda: NaiveTracer(model, folder / "naive-blocks.jsonl", BLOCKS))
-    measure("naive hook, all modules", lambda: NaiveTracer(model, folder / "naive-all.jsonl", None),
-            repeat=args.naive_repeat)
-    measure("untraced (again)", None)
-    hooks = {
-        "blocks": sum(1 for n, _ in model.named_modules() if n and __import__("re").search(BLOCKS, n)),
-        "all": sum(1 for n, _ in model.named_modules() if n),
-    }
-    micro: list[dict[str, Any]] = []
-    micro_moments(args, micro)
-    disk = full = None
-    h5: dict[int, float] = {}
-    if args.full_steps > 0:
-        full = full_trace_throughput(model, inputs, args, folder)
-        disk = disk_write_speed(folder, int(args.disk_bytes))
-        from tracediff.store.format import FULL_CHUNK, VALUE_CHUNK
-
-        for chunk in (VALUE_CHUNK, FULL_CHUNK, 1 << 20):
-            h5[chunk] = h5_write_speed(folder, int(args.disk_bytes) // 2, chunk)
-    shutil.rmtree(folder, ignore_errors=True)
-    report(args, rows, hooks, micro, full, disk, h5)
-    return 0
-
-
 def full_only(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, folder: Path) -> int:
     """The full-trace write rate against the disk, nothing else."""
-    from tracediff.store.format import FULL_CHUNK, VALUE_CHUNK
-
     base = time_forwards(model, inputs, args, warmup=args.warmup, repeat=3)["median"]
     full = full_trace_throughput(model, inputs, args, folder)
     disk = disk_write_speed(folder, int(args.disk_bytes))
-    h5 = {chunk: h5_write_speed(folder, int(args.disk_bytes) // 2, chunk) for chunk in (VALUE_CHUNK, FULL_CHUNK)}
-    shutil.rmtree(folder, ignore_errors=True)
     print()
     print(f"machine : {device_name(args)}, host {platform.node()}")
-    print(f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"command : python scripts/bench_overhead.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"date    : {now()}")
+    print(f"command : {command()}")
     print(f"full trace of every block: {full['bytes'] / 1e9:.2f} GB in {full['seconds']:.2f} s over {args.full_steps} "
           f"steps = {full['rate'] / 1e9:.2f} GB/s (close and fsync included); forward while tracing "
           f"{full['forward'] * 1e3:.0f} ms vs {base * 1e3:.0f} ms untraced")
-    print(f"disk: sequential write {disk / 1e9:.2f} GB/s (os.write + fsync); h5py appends of float32 in "
-          + ", ".join(f"{c}-element chunks {r / 1e9:.2f} GB/s" for c, r in h5.items()))
-    print("writer thread per step: build (wait for copies, convert) "
-          + ", ".join(f"{t:.2f}" for t in full["writer_build"]) + " s; write "
-          + ", ".join(f"{t:.2f}" for t in full["writer_write"]) + " s; forwards "
-          + ", ".join(f"{t:.2f}" for t in full["forwards"]) + " s")
-    print(f"full trace write rate / disk sequential write: {full['rate'] / disk * 100:.0f} %; "
-          f"/ h5py appends in {FULL_CHUNK}-element chunks: {full['rate'] / h5[FULL_CHUNK] * 100:.0f} %")
+    print(f"disk: sequential write {disk / 1e9:.2f} GB/s (os.write + fsync); full trace / disk: "
+          f"{full['rate'] / disk * 100:.0f} %")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name(args), "full": full,
-                                               "disk_bytes_per_s": disk, "h5_bytes_per_s": h5}, indent=2, default=str))
+                                               "disk_bytes_per_s": disk}, indent=2, default=str))
     return 0
 
 
+# -- torch.compile ---------------------------------------------------------------------------------------
+
+
 def compile_only(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace, folder: Path) -> int:
-    """What tracing costs a ``torch.compile``d forward (inductor), against eager.
+    """What tracing (default configuration) costs a ``torch.compile``d forward (inductor), against eager.
 
     Each compiled mode starts from ``torch.compiler.reset()`` and compiles in its warm-up
     forwards (``attach`` refuses a model compiled without hooks, whose code would skip them);
@@ -534,15 +685,18 @@ def compile_only(model: nn.Module, inputs: dict[str, torch.Tensor], args: argpar
         torch.compiler.reset()
         handle = None
         if traced:
-            config = TraceConfig(layers=layers, stats=STATS)
+            config = TraceConfig(layers=layers, stats=DEFAULT_STATS, inputs=True)
             handle = attach(model, side="port", config=config, output=folder / f"trace-{len(rows)}.h5")
         target = torch.compile(model) if compiled else model
         try:
             first = time_forwards(target, inputs, args, warmup=0, repeat=1)["median"]
-            row = time_forwards(target, inputs, args, warmup=max(args.warmup - 1, 0), repeat=args.repeat)
+            row = time_forwards(target, inputs, args, warmup=max(args.warmup - 1, 0), repeat=args.repeat,
+                                first_step=1)
         finally:
             if handle is not None:
                 handle.close()
+        if handle is not None and handle.failures:
+            raise Refused(f"{name}: the trace reports failures: {handle.failures}")
         row["first"] = first
         rows[name] = row
         for trace in folder.glob("trace-*.h5"):
@@ -550,20 +704,19 @@ def compile_only(model: nn.Module, inputs: dict[str, torch.Tensor], args: argpar
         print(f"  {name:<40} {row['median'] * 1e3:9.1f} ms  (first forward {first:.1f} s)", flush=True)
 
     measure("eager, untraced", False)
-    measure("eager, stats, blocks", False, BLOCKS, True)
-    measure("eager, stats, all modules", False, None, True)
+    measure("eager, default config, blocks", False, BLOCKS, True)
+    measure("eager, default config, all modules", False, None, True)
     measure("compiled, untraced", True)
-    measure("compiled, stats, blocks", True, BLOCKS, True)
-    measure("compiled, stats, all modules", True, None, True)
-    shutil.rmtree(folder, ignore_errors=True)
+    measure("compiled, default config, blocks", True, BLOCKS, True)
+    measure("compiled, default config, all modules", True, None, True)
     eager = rows["eager, untraced"]["median"]
     base = rows["compiled, untraced"]["median"]
     print()
     print("tracediff bench_overhead --compile")
     print(f"machine : {device_name(args)}, host {platform.node()}")
-    print(f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"command : python scripts/bench_overhead.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"model   : {describe(args)}; torch.compile default (inductor); stats {STATS}")
+    print(f"date    : {now()}")
+    print(f"command : {command()}")
+    print(f"model   : {describe(args)}; torch.compile default (inductor); stats {DEFAULT_STATS} + module inputs")
     print(f"timing  : median of {args.repeat} forwards after {args.warmup} warm-up (compile in the first)")
     print()
     print("| mode | forward (ms) | vs compiled untraced | vs eager untraced | first forward (s) |")
@@ -577,10 +730,15 @@ def compile_only(model: nn.Module, inputs: dict[str, torch.Tensor], args: argpar
     return 0
 
 
+# -- descriptions ------------------------------------------------------------------------------------------
+
+
 def describe(args: argparse.Namespace) -> str:
     tokens = args.frames * (args.height // 2) * (args.width // 2)
-    return (f"WanLikeModel {args.layers} blocks, dim {args.dim}, ffn {args.ffn_dim}, {args.heads} heads, "
-            f"{tokens} video + {args.text_len} text tokens, {args.dtype} on {args.device}")
+    shape = "smoke" if args.smoke else f"Wan {args.shape} shape"
+    return (f"WanLikeModel ({shape}) {args.layers} blocks, dim {args.dim}, ffn {args.ffn_dim}, {args.heads} heads, "
+            f"{tokens} video + {args.text_len} text tokens, {args.dtype} on {args.device}"
+            + (", with an unrecordable probe module planted" if args.plant_failure else ""))
 
 
 def device_name(args: argparse.Namespace) -> str:
@@ -589,75 +747,12 @@ def device_name(args: argparse.Namespace) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"
 
 
-def report(
-    args: argparse.Namespace,
-    rows: dict[str, dict[str, Any]],
-    hooks: dict[str, int],
-    micro: list[dict[str, Any]],
-    full: dict[str, Any] | None,
-    disk: float | None,
-    h5: dict[int, float],
-) -> None:
-    base = statistics.median(rows["untraced"]["times"] + rows["untraced (again)"]["times"])
-    base_peak = max(rows["untraced"]["peak"], 1)
+def command() -> str:
+    return f"python scripts/bench_overhead.py {' '.join(sys.argv[1:])}".rstrip()
 
-    def overhead(name: str) -> float:
-        return rows[name]["median"] / base - 1.0
 
-    print()
-    print("tracediff bench_overhead")
-    print(f"machine : {device_name(args)}, host {platform.node()}")
-    print(f"date    : {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"command : python scripts/bench_overhead.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"model   : {describe(args)}; hooks: blocks {hooks['blocks']}, all modules {hooks['all']}")
-    print(f"timing  : median of {args.repeat} forwards after {args.warmup} warm-up "
-          f"({args.naive_repeat} for the slow modes); stats {STATS}")
-    print()
-    print("| mode | forward (ms) | overhead | host enqueue (ms) | peak mem added (MiB) | of model peak |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, row in rows.items():
-        added = (row["peak"] - rows["untraced"]["peak"]) / 2**20
-        print(f"| {name.strip()} | {row['median'] * 1e3:.1f} | {overhead(name) * 100:+.1f} % | "
-              f"{row['host'] * 1e3:.1f} | {added:.1f} | {added * 2**20 / base_peak * 100:.2f} % |")
-    print()
-    untraced_spread = abs(rows["untraced (again)"]["median"] / rows["untraced"]["median"] - 1.0)
-    naive = overhead("naive hook, all modules")
-    ours = overhead("tracediff stats, all modules")
-    ratio = naive / ours if ours > 0 else float("inf")
-    print("| target | measured | verdict |")
-    print("|---|---|---|")
-    off = overhead("tracing off (attach, disabled)")
-    print(f"| tracing off: no measurable difference | {off * 100:+.2f} % (untraced run-to-run "
-          f"{untraced_spread * 100:.2f} %) | {'met' if abs(off) <= max(untraced_spread, 0.01) else 'MISSED'} |")
-    block = overhead("tracediff stats, blocks")
-    print(f"| block-level stats <= 3 % | {block * 100:+.2f} % | {'met' if block <= 0.03 else 'MISSED'} |")
-    print(f"| all-modules stats <= 15 % | {ours * 100:+.2f} % | {'met' if ours <= 0.15 else 'MISSED'} |")
-    print(f"| naive / tracediff overhead, all modules >= 5x | {naive * 100:.1f} % / {ours * 100:.2f} % = "
-          f"{ratio:.1f}x | {'met' if ratio >= 5 else 'MISSED'} |")
-    worst = max(rows[n]["peak"] for n in ("tracediff stats, blocks", "tracediff stats, all modules"))
-    added = (worst - rows["untraced"]["peak"]) / base_peak
-    print(f"| peak memory added by stats tracing <= 1 % | {added * 100:.2f} % of {base_peak / 2**30:.2f} GiB | "
-          f"{'met' if added <= 0.01 else 'MISSED'} |")
-    if full is not None and disk is not None:
-        print(f"| full trace write rate vs disk sequential write | {full['rate'] / 1e9:.2f} GB/s vs "
-              f"{disk / 1e9:.2f} GB/s ({full['rate'] / disk * 100:.0f} %) | (reported) |")
-    print()
-    print("| moments of one activation | method | time (ms) | read rate (GB/s) |")
-    print("|---|---|---:|---:|")
-    for item in micro:
-        print(f"| {item['shape']} | {item['method']} | {item['ms']:.3f} | {item['gbps']:.0f} |")
-    if full is not None:
-        print()
-        print(f"full trace: {full['bytes'] / 1e9:.2f} GB written in {full['seconds']:.2f} s over {args.full_steps} "
-              f"steps (close and fsync included), forward while tracing {full['forward'] * 1e3:.0f} ms "
-              f"vs {base * 1e3:.0f} ms untraced")
-        print(f"disk: sequential write {disk / 1e9:.2f} GB/s (os.write + fsync); h5py appends of float32 in "
-              + ", ".join(f"{c}-element chunks {r / 1e9:.2f} GB/s" for c, r in h5.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "args": vars(args), "device": device_name(args), "rows": rows, "micro": micro, "full": full,
-            "disk_bytes_per_s": disk, "h5_bytes_per_s": h5, "hooks": hooks,
-        }, indent=2, default=str))
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 if __name__ == "__main__":

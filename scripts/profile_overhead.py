@@ -5,7 +5,11 @@ untraced forward and each tracing mode it prints the host functions that took
 the most time (cProfile: a host thread blocked on the device shows up here), the
 CUDA runtime calls (torch.profiler: synchronisations, host allocations) and the
 device kernels by total time. It also times the recorder with a no-op statistic,
-which separates the recorder's own host cost from the kernels it launches.
+which separates the recorder's own host cost from the kernels it launches, and
+times the moments of single activations of the model's sizes by each reduction
+method (the fused kernel in several shapes, PyTorch float32 reductions,
+tracediff 0.1's float64 ones). Unlike ``bench_overhead.py``, which uses only the
+public API, this diagnostic reaches into the recorder to switch its parts off.
 
 Usage::
 
@@ -15,12 +19,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_overhead as bench  # noqa: E402
 
 from tracediff import TraceConfig, attach, trace_step  # noqa: E402
+from tracediff.hooks import fused, stats  # noqa: E402
 from tracediff.hooks import recorder as recorder_module  # noqa: E402
 
 
@@ -45,9 +53,10 @@ def main() -> int:
     folder = Path(bench.tempfile.mkdtemp(prefix="tracediff-profile-", dir=bargs.workdir))
     modes = {
         "untraced": None,
-        "blocks": TraceConfig(layers=bench.BLOCKS, stats=bench.STATS),
-        "all": TraceConfig(stats=bench.STATS),
-        "all+sample": TraceConfig(stats=bench.STATS + ",sample"),
+        "blocks": TraceConfig(layers=bench.BLOCKS, stats=bench.STATS_ONLY),
+        "all": TraceConfig(stats=bench.STATS_ONLY),
+        "all+sample": TraceConfig(stats=bench.DEFAULT_STATS),
+        "all default": TraceConfig(stats=bench.DEFAULT_STATS, inputs=True),
     }
     summary = []
     for name, config in modes.items():
@@ -95,12 +104,96 @@ def main() -> int:
 
     summary += experiments(model, inputs, bargs, folder, modes)
     print("\n".join(summary))
+    micro: list[dict] = []
+    micro_moments(bargs, micro)
+    print("\n| moments of one activation | method | time (ms) | read rate (GB/s) |")
+    print("|---|---|---:|---:|")
+    for item in micro:
+        print(f"| {item['shape']} | {item['method']} | {item['ms']:.3f} | {item['gbps']:.0f} |")
     return 0
+
+
+# -- the ways of reducing moments (moved here from bench_overhead.py: they patch the recorder) ----------
+
+
+def moments_v1(tensor: torch.Tensor) -> torch.Tensor:
+    """tracediff 0.1's moments: float64 PyTorch reductions (a float64 copy of the tensor per reduction)."""
+    values, _ = stats.value_view(tensor)
+    if values.numel() == 0:
+        return torch.tensor([0.0, 0.0, 0.0, float("nan"), float("nan"), 0.0, 0.0], dtype=torch.float64,
+                            device=values.device)
+    acc = torch.float64
+    low, high = torch.aminmax(values)
+    return torch.stack([
+        values.sum(dtype=acc),
+        torch.linalg.vector_norm(values, 1, dtype=acc),
+        torch.linalg.vector_norm(values, 2, dtype=acc).square(),
+        low.to(acc),
+        high.to(acc),
+        torch.isnan(values).sum(dtype=torch.int64).to(acc),
+        torch.isinf(values).sum(dtype=torch.int64).to(acc),
+    ])
+
+
+@contextlib.contextmanager
+def moments_method(name: str) -> Iterator[None]:
+    """Run tracediff with another reduction method: ``fused`` (default), ``torch-f32`` or ``v1-f64``."""
+    saved_fn, saved_ok = recorder_module.moments, fused._state["ok"]
+    try:
+        if name == "v1-f64":
+            recorder_module.moments = moments_v1
+        elif name == "torch-f32":
+            fused._state["ok"] = False
+        yield
+    finally:
+        recorder_module.moments, fused._state["ok"] = saved_fn, saved_ok
+
+
+#: Kernel shapes tried in the micro-benchmark: (elements per iteration, warps, programs).
+FUSED_CONFIGS = ((4096, 8, 1024), (2048, 8, 1024), (2048, 8, 2048), (1024, 4, 2048), (4096, 16, 1024),
+                 (2048, 4, 4096))
+
+
+def _fused_config(block: int, warps: int, programs: int) -> Callable[[torch.Tensor], Any]:
+    def run(x: torch.Tensor) -> Any:
+        with torch.cuda.device(x.device):
+            return fused.launch(x, block=block, warps=warps, programs=programs)
+
+    return run
+
+
+def micro_moments(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    """Moments of single activations of the model's sizes, per method."""
+    dtype = getattr(torch, args.dtype)
+    tokens = args.frames * (args.height // 2) * (args.width // 2)
+    for width in (args.dim, args.ffn_dim):
+        x = torch.randn(tokens, width, device=args.device, dtype=dtype)
+        methods: list[tuple[str, Callable[[torch.Tensor], Any]]] = [
+            ("fused", stats.moments), ("torch-f32", stats.moments), ("v1-f64", moments_v1),
+        ]
+        if fused.supports(x):
+            for block, warps, programs in FUSED_CONFIGS:
+                methods.append((f"fused {block}/{warps}w/{programs}p", _fused_config(block, warps, programs)))
+        for method, fn in methods:
+            if method.startswith("fused") and not fused.supports(x):
+                continue
+            with moments_method(method):
+                for _ in range(3):
+                    fn(x)
+                bench.sync(args.device)
+                reps = 10
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn(x)
+                bench.sync(args.device)
+                seconds = (time.perf_counter() - t) / reps
+            results.append({"shape": f"{tokens}x{width}", "method": method, "ms": seconds * 1e3,
+                            "gbps": x.numel() * x.element_size() / seconds / 1e9})
+        del x
 
 
 def experiments(model, inputs, bargs, folder: Path, modes: dict) -> list[str]:
     """Time each tracing mode with parts of the machinery switched off, and log the writer thread."""
-    from tracediff.hooks import fused
     from tracediff.store import writer as writer_module
 
     lines: list[str] = []

@@ -15,6 +15,7 @@ synchronously at each step's end, as there is no device to overlap with.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import warnings
@@ -43,11 +44,29 @@ from tracediff.hooks.stats import (
 from tracediff.store.background import BackgroundWriter
 from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE, MAX_DIMS, RECORD_COLUMNS
 from tracediff.store.writer import StepBatch, TraceWriter
+from tracediff.vocabulary import error_summary
 
 ROOT_INDEX = 0
 
+_NO_CONTEXT = contextlib.nullcontext()
+#: ``input[0]``, ``input[1]``, ...: the labels of positional arguments, made once
+_INPUT_LABELS = tuple(f"input[{i}]" for i in range(64))
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
 
-@dataclass
+
+def _input_label(position: int) -> str:
+    return _INPUT_LABELS[position] if position < len(_INPUT_LABELS) else f"input[{position}]"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` for ``torch.bfloat16`` (cached: ``str(dtype)`` costs a microsecond per record)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
+
+
+@dataclass(slots=True)
 class _Pending:
     seq: int
     step: int
@@ -125,31 +144,52 @@ class Recorder:
         self._want_sample = "sample" in config.stats
         self._want_full = "full" in config.stats
         self._want_moments = config.needs_moments
+        self._sample_size = config.sample_size
+        self._steps = config.steps  # None: every step (what config.wants_step tests, without the call)
         self._attach(model)
         step_state.register(self)
 
     # -- hook registration ---------------------------------------------------
     def _attach(self, model: nn.Module) -> None:
+        #: selected modules that could not be hooked (a ``torch.jit.script``ed one, a module refusing
+        #: hooks): name -> why; ``attach`` warns once and records them in the trace's ``untraced``
+        self.untraced: dict[str, str] = {}
         self._handles.append(model.register_forward_pre_hook(self.begin_call, with_kwargs=True))
         # always_call: the hook also runs when the forward raises (with output None), so the call
         # depth returns to 0 and the failed call's records are dropped (see _root_hook).
         self._handles.append(model.register_forward_hook(self._root_hook, always_call=True))
         traced = {ROOT_INDEX}
         selected = [i for i, n in enumerate(self.module_names) if i != ROOT_INDEX and self.config.layer_predicate(n)]
+        scripted = _scripted_modules(model, self.module_names)
+        for index in selected:
+            if index in scripted:
+                self.untraced[self.module_names[index]] = scripted[index]
+        selected = [index for index in selected if index not in scripted]
         self._owners = _call_owners(model, self.module_names, selected)
         for index in selected:
             module = model.get_submodule(self.module_names[index])
-            if self.config.inputs:
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
-            # always_call: a child that raises (caught inside the model) still takes its call number,
-            # so its input records and its later calls' outputs keep matching call indices.
-            self._handles.append(module.register_forward_hook(self._make_hook(index), always_call=True))
+            registered: list[RemovableHandle] = []
+            try:
+                if self.config.inputs:
+                    registered.append(module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
+                # always_call: a child that raises (caught inside the model) still takes its call number,
+                # so its input records and its later calls' outputs keep matching call indices.
+                registered.append(module.register_forward_hook(self._make_hook(index), always_call=True))
+            except Exception as exc:  # a module whose class refuses hooks: skip it, never fail the run
+                for handle in registered:
+                    handle.remove()
+                self.untraced[self.module_names[index]] = _refusal(exc)
+                continue
+            self._handles.extend(registered)
             traced.add(index)
         for owner in sorted(set(self._owners.values()) - traced):
             # an untraced owner (the ``model`` of a wrapper when only its blocks are traced): its return
             # closes a call that its traced submodules opened
             module = model.get_submodule(self.module_names[owner])
-            self._handles.append(module.register_forward_hook(self._make_owner_hook(owner), always_call=True))
+            try:
+                self._handles.append(module.register_forward_hook(self._make_owner_hook(owner), always_call=True))
+            except Exception as exc:
+                self.untraced.setdefault(self.module_names[owner], _refusal(exc))
         self._traced_count = len(traced)
         self._safe_pairs = _sequential_pairs(model, self.module_names, traced)
 
@@ -328,10 +368,11 @@ class Recorder:
         except Exception as exc:  # a hook must never break the model's forward
             name = self.module_names[index] or "<model>"
             if name not in self.failures:
-                self.failures[name] = repr(exc)
+                # One line: PyTorch's dispatch errors carry a 14 kB list of backends.
+                self.failures[name] = error_summary(exc)
                 warnings.warn(
-                    f"tracediff: recording {name!r} failed ({exc!r}); this module's records are skipped, "
-                    "the model runs on unchanged",
+                    f"tracediff: recording {name!r} failed ({self.failures[name]}); this module's records are "
+                    "skipped, the model runs on unchanged",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -339,27 +380,42 @@ class Recorder:
     def _record_module_inputs(
         self, index: int, args: Any, kwargs: Any, module: nn.Module | None = None, kind: str = "pre"
     ) -> None:
-        """One call's tensor arguments, numbered like the call's outputs (calls start and end in order)."""
+        """One call's tensor arguments, numbered like the call's outputs (calls start and end in order).
+
+        Labelled as :func:`~tracediff.hooks.flatten.iter_inputs` labels them; a bare tensor
+        argument (the common case) skips the generic walk.
+        """
         with self._lock:
             self._enter_event(kind, index, module)
             step = self._current()
-            if step is None or not self.config.wants_step(step):
+            if step is None or (self._steps is not None and step not in self._steps):
                 self._skipped(step)
                 return
             call = self._input_calls[index]
             self._input_calls[index] = call + 1
-            for label, tensor in iter_inputs(args, kwargs or {}):
-                self._capture(step, index, call, label, tensor)
+            capture = self._capture
+            for position, value in enumerate(args):
+                if isinstance(value, torch.Tensor):
+                    capture(step, index, call, _input_label(position), value)
+                else:
+                    for label, tensor in iter_tensors(value, f"input[{position}]"):
+                        capture(step, index, call, label, tensor)
+            if kwargs:
+                for label, tensor in iter_inputs((), kwargs):
+                    capture(step, index, call, label, tensor)
 
     def _record_output(self, index: int, output: Any, module: nn.Module | None = None) -> None:
         with self._lock:
             self._enter_event("post", index, module)
             step = self._current()
-            if step is None or not self.config.wants_step(step):
+            if step is None or (self._steps is not None and step not in self._steps):
                 self._skipped(step)
                 return
             call = self._calls[index]
             self._calls[index] = call + 1
+            if isinstance(output, torch.Tensor):  # the common case: no generic walk
+                self._capture(step, index, call, "out", output)
+                return
             for label, tensor in iter_tensors(output):
                 self._capture(step, index, call, label, tensor)
 
@@ -373,19 +429,19 @@ class Recorder:
         stats, sample, full = self._reduced(tensor)
         self._pending.append(
             _Pending(
-                seq=self._seq,
-                step=step,
-                module=module,
-                call=call,
-                label=label,
-                shape=tuple(tensor.shape),
-                dtype=str(tensor.dtype).replace("torch.", ""),
-                numel=tensor.numel(),
-                moments=stats,
-                sample=sample,
-                full=full,
-                full_device=tensor.device,
-                stream=producer_stream(tensor),
+                self._seq,
+                step,
+                module,
+                call,
+                label,
+                tuple(tensor.shape),
+                _dtype_name(tensor.dtype),
+                tensor.numel(),
+                stats,
+                sample,
+                full,
+                tensor.device,
+                producer_stream(tensor) if tensor.is_cuda else None,
             )
         )
         self._seq += 1
@@ -436,10 +492,11 @@ class Recorder:
         ):
             self._reductions[id(tensor)] = (cached[0], version, cached[2], self._event_id)
             return cached[2]
-        with torch.no_grad():
+        # no_grad only where grad is on: entering the context costs as much as a small reduction
+        with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:
             reduced = (
                 moments(tensor) if self._want_moments else None,
-                take_sample(tensor, self.config.sample_size) if self._want_sample else None,
+                take_sample(tensor, self._sample_size) if self._want_sample else None,
                 copy_full_to_host(tensor) if self._want_full else None,
             )
         if version is not None:
@@ -539,6 +596,32 @@ class Recorder:
                 "matched FASTVIDEO_TRACE_STEPS"
             )
         return f"{head}: traced modules ran but none of them returned (or received) a tensor"
+
+
+def _scripted_modules(model: nn.Module, names: list[str]) -> dict[int, str]:
+    """Modules that run as TorchScript (``torch.jit.script``/``trace``), which never call Python hooks.
+
+    Their submodules are TorchScript too; each is named with the outermost scripted module it sits in.
+    """
+    script_type = torch.jit.ScriptModule
+    found: dict[int, str] = {}
+    outer: list[str] = []
+    for index, name in enumerate(names):
+        if index == ROOT_INDEX or not isinstance(model.get_submodule(name), script_type):
+            continue
+        top = next((o for o in outer if name.startswith(o + ".")), None)
+        if top is None:
+            outer.append(name)
+            found[index] = "a torch.jit ScriptModule: TorchScript runs no Python hooks"
+        else:
+            found[index] = f"inside the torch.jit ScriptModule {top}"
+    return found
+
+
+def _refusal(exc: Exception) -> str:
+    """Why registering a hook failed, in one short line."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"refused a forward hook ({type(exc).__name__}{': ' + text if text else ''})"
 
 
 def _call_owners(model: nn.Module, names: list[str], selected: list[int]) -> dict[int, int]:
@@ -650,51 +733,51 @@ def _to_batch(
     """Columns of one step, from captures whose host copies have completed."""
     count = len(pending)
     columns = {name: np.zeros(count, dtype=dtype) for name, dtype in RECORD_COLUMNS.items()}
-    shape = np.full((count, MAX_DIMS), -1, dtype=np.int64)
+    # whole columns at once: a NumPy item assignment per field and record cost more than the rest of the step
+    columns["seq"][:] = [p.seq for p in pending]
+    columns["step"][:] = [p.step for p in pending]
+    columns["module"][:] = [p.module for p in pending]
+    columns["call"][:] = [p.call for p in pending]
+    columns["numel"][:] = [p.numel for p in pending]
+    columns["ndim"][:] = [len(p.shape) for p in pending]
+    pad = (-1,) * MAX_DIMS
+    shape = np.array([(p.shape + pad)[:MAX_DIMS] for p in pending], dtype=np.int64).reshape(count, MAX_DIMS)
     moment_rows = np.full((count, 7), np.nan)
     for indices, host in moments:
         moment_rows[indices] = host.numpy()
     counts = moment_rows[:, 5:7]
     counts[np.isnan(counts)] = 0
-    offset = 0
+    if samples is not None:
+        lengths = np.array([0 if p.sample is None else p.sample.numel() for p in pending], dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
+        columns["sample_offset"][:] = np.where(lengths > 0, starts, 0)
+        columns["sample_len"][:] = lengths
     f32_parts: list[np.ndarray] = []
     f64_parts: list[np.ndarray] = []
     f32_len = f64_len = 0
     stored: dict[int, tuple[int, int, int]] = {}  # id(host copy) -> (full_kind, full_offset, full_len)
+    columns["full_kind"][:] = FULL_NONE
     for row, item in enumerate(pending):
-        columns["seq"][row] = item.seq
-        columns["step"][row] = item.step
-        columns["module"][row] = item.module
-        columns["call"][row] = item.call
-        columns["ndim"][row] = len(item.shape)
-        columns["numel"][row] = item.numel
-        dims = item.shape[:MAX_DIMS]
-        shape[row, : len(dims)] = dims
-        if item.sample is not None:
-            length = int(item.sample.numel())
-            columns["sample_offset"][row] = offset
-            columns["sample_len"][row] = length
-            offset += length
-        if item.full is not None and id(item.full) in stored:
+        if item.full is None:
+            continue
+        if id(item.full) in stored:
             # the same captured tensor as an earlier record (a module's input that is the previous
             # module's output): point at the values already written instead of writing them twice
             kind, start, size = stored[id(item.full)]
             columns["full_kind"][row], columns["full_offset"][row], columns["full_len"][row] = kind, start, size
-        elif item.full is not None:
-            # one host pass: convert (bf16 -> float32) and put a permuted layout in row-major order
-            values = item.full.to(full_dtype(item.full), memory_format=torch.contiguous_format).reshape(-1).numpy()
-            if values.dtype == np.float64:
-                columns["full_kind"][row], columns["full_offset"][row] = FULL_F64, f64_len
-                f64_parts.append(values)
-                f64_len += values.size
-            else:
-                columns["full_kind"][row], columns["full_offset"][row] = FULL_F32, f32_len
-                f32_parts.append(values)
-                f32_len += values.size
-            columns["full_len"][row] = values.size
-            stored[id(item.full)] = (int(columns["full_kind"][row]), int(columns["full_offset"][row]), values.size)
+            continue
+        # one host pass: convert (bf16 -> float32) and put a permuted layout in row-major order
+        values = item.full.to(full_dtype(item.full), memory_format=torch.contiguous_format).reshape(-1).numpy()
+        if values.dtype == np.float64:
+            columns["full_kind"][row], columns["full_offset"][row] = FULL_F64, f64_len
+            f64_parts.append(values)
+            f64_len += values.size
         else:
-            columns["full_kind"][row] = FULL_NONE
+            columns["full_kind"][row], columns["full_offset"][row] = FULL_F32, f32_len
+            f32_parts.append(values)
+            f32_len += values.size
+        columns["full_len"][row] = values.size
+        stored[id(item.full)] = (int(columns["full_kind"][row]), int(columns["full_offset"][row]), values.size)
     for position, name in enumerate(("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_count")):
         values = moment_rows[:, position]
         columns[name] = values.astype(columns[name].dtype) if name.endswith("count") else values
@@ -750,7 +833,8 @@ def _flat_to_host(parts: list[torch.Tensor | None], devices: set[torch.device]) 
     order: list[tuple[torch.device, int]] = []
     for part in present:
         order.append((part.device, len(by_device[part.device])))
-        by_device[part.device].append(part.to(torch.float64))
-    host = {device: _to_host(torch.cat(items), devices) for device, items in by_device.items()}
+        by_device[part.device].append(part)
+    # one conversion per device (float32 parts are promoted exactly), not one per record
+    host = {device: _to_host(torch.cat(items).to(torch.float64), devices) for device, items in by_device.items()}
     starts = {device: np.cumsum([0] + [t.numel() for t in items]) for device, items in by_device.items()}
     return _FlatParts(host, starts, order)
