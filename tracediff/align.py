@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tracediff.align_fingerprint import FingerprintIndex, find_fused
+from tracediff.align_fingerprint import FingerprintIndex, FusedShortlist, find_fused
 from tracediff.align_mapfile import (
     MappingSpec,
     ResolvedMapping,
@@ -369,34 +369,50 @@ def _fused(state: _State, index: FingerprintIndex) -> None:
             and not any(state.free_up(u) for u in index.reverse.get(p, {}))
         )
 
+    # Positions and the available parts are computed once per direction and kept up to date as
+    # groups form: recomputing them for every candidate was quadratic (7 s at 5 000 modules).
+    positions = {id(up): _positions(up), id(port): _positions(port)}
     for fused_side, parts_side, fused_free, parts_free, upstream_is_fused in (
         (port, up, unexplained_port, unexplained_up, False),
         (up, port, unexplained_up, unexplained_port, True),
     ):
+        order = positions[id(parts_side)]
+        available = {m for m in range(len(parts_side.names)) if parts_free(m)}
+        shortlist = FusedShortlist(parts_side)
         for fused in range(len(fused_side.names)):
             if not fused_free(fused):
                 continue
-            available = {m for m in range(len(parts_side.names)) if parts_free(m)}
-            parts = find_fused(fused_side, fused, parts_side, available, _positions(parts_side))
+            parts = find_fused(fused_side, fused, parts_side, shortlist.among(available, fused_side, fused), order,
+                               checked=True)
             if parts is None:
                 continue
             names = ", ".join(parts_side.names[m] for m in parts)
             note = f"{fused_side.names[fused]} = cat({names}) along dim 0"
-            _check_fused_order(state, fused_side, fused, parts_side, parts)
+            _check_fused_order(state, fused_side, fused, parts_side, parts, order)
             if upstream_is_fused:
                 state.add_group([fused], parts, "fingerprint", note)
             else:
                 state.add_group(parts, [fused], "fingerprint", note)
+            # Only the parts (now grouped) and the modules whose candidates include the fused one
+            # (now grouped too) can have changed whether they are available.
+            neighbours = index.candidates.get(fused, {}) if upstream_is_fused else index.reverse.get(fused, {})
+            for m in {*parts, *neighbours}:
+                if parts_free(m):
+                    available.add(m)
+                else:
+                    available.discard(m)
 
 
-def _check_fused_order(state: _State, fused_side: Side, fused: int, parts_side: Side, parts: list[int]) -> None:
+def _check_fused_order(
+    state: _State, fused_side: Side, fused: int, parts_side: Side, parts: list[int], order: dict[int, float]
+) -> None:
     """A fused tensor stacked in another order than its parts run (``cat(q, v, k)``) is an alignment suspect.
 
     The values fit either order, so the group stands; but a port computes q, k
     and v by slicing the fused output in its own fixed order, so a stack in
     another order than the parts run upstream is how a k/v swap in conversion looks.
     """
-    ran_in = sorted(parts, key=lambda m: (_positions(parts_side)[m], m))
+    ran_in = sorted(parts, key=lambda m: (order[m], m))
     if ran_in == parts:
         return
     stacked = ", ".join(parts_side.names[m].rsplit(".", 1)[-1] for m in parts)

@@ -20,6 +20,7 @@ import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,8 @@ def find_fused(
     parts_side: Side,
     available: set[int],
     order: dict[int, float],
+    *,
+    checked: bool = False,
 ) -> list[int] | None:
     """Find the modules of ``parts_side`` whose weights, stacked on dim 0, are ``fused``'s.
 
@@ -104,6 +107,7 @@ def find_fused(
     Args:
         order: module index of ``parts_side`` -> position, to order parts whose
             samples cannot tell their concatenation order.
+        checked: ``available`` already passed the per-module tests (:meth:`FusedShortlist.among`).
 
     Returns:
         The parts in concatenation order, or None.
@@ -117,6 +121,9 @@ def find_fused(
         return None
     by_parent: dict[str, list[int]] = defaultdict(list)
     for module in sorted(available):
+        if checked:
+            by_parent[parent_name(parts_side.names[module])].append(module)
+            continue
         part_rows = _ordered_rows(parts_side, module)
         if len(part_rows) != len(rows):
             continue
@@ -135,6 +142,61 @@ def find_fused(
     if len(fits) != 1:
         return None
     return _concat_order(parts_side, list(fits[0]), fused_side, rows, order)
+
+
+class FusedShortlist:
+    """The modules of one side that may be parts of a given fused module, found without visiting them all.
+
+    :func:`find_fused` tests every available module (row count, shapes, moments);
+    at 5 000 modules that loop, once per fused module, was quadratic. The modules
+    are indexed once by their shape signature, and :func:`_could_be_part` and
+    :func:`_within` are evaluated as arrays, with the same float64 operations, so
+    the shortlist is exactly the modules that pass them (``find_fused(checked=True)``).
+    """
+
+    def __init__(self, side: Side) -> None:
+        groups: dict[tuple[Any, ...], list[tuple[int, list[int], list[int]]]] = defaultdict(list)
+        for module in range(len(side.names)):
+            rows = _ordered_rows(side, module)
+            shapes = [side.table.params[row].shape for row in rows]
+            if rows and all(len(shape) for shape in shapes):
+                groups[_signature(shapes)].append((module, [shape[0] for shape in shapes], rows))
+        self._index = {
+            key: (
+                np.asarray([m for m, _, _ in items], dtype=np.int64),
+                np.asarray([firsts for _, firsts, _ in items], dtype=np.int64),
+                side.table.param_moments[np.asarray([rows for _, _, rows in items], dtype=np.int64)],
+            )
+            for key, items in groups.items()
+        }
+
+    def among(self, available: set[int], fused_side: Side, fused: int) -> set[int]:
+        """The modules of ``available`` that pass :func:`find_fused`'s per-module tests for ``fused``."""
+        rows = _ordered_rows(fused_side, fused)
+        shapes = [fused_side.table.params[row].shape for row in rows]
+        if not rows or not all(len(shape) for shape in shapes):
+            return set()
+        entry = self._index.get(_signature(shapes))
+        if entry is None:
+            return set()
+        modules, firsts, moments = entry
+        whole = np.asarray([shape[0] for shape in shapes], dtype=np.int64)
+        target = fused_side.table.param_moments[np.asarray(rows, dtype=np.int64)]
+        slack = CROSS_DTYPE_RTOL * (np.abs(target[:, _ABS]) + 1e-30)
+        extent = CROSS_DTYPE_RTOL * np.asarray([float(np.nanmax(np.abs([w[_MIN], w[_MAX], 0.0]))) for w in target])
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            ok = np.all((firsts > 0) & (firsts < whole), axis=1)
+            ok &= np.all(moments[:, :, _ABS] <= target[:, _ABS] + slack, axis=1)
+            ok &= np.all(moments[:, :, _SQ] <= target[:, _SQ] * (1 + 2 * CROSS_DTYPE_RTOL) + 1e-30, axis=1)
+            ok &= np.all(moments[:, :, _MIN] >= target[:, _MIN] - extent, axis=1)
+            ok &= np.all(moments[:, :, _MAX] <= target[:, _MAX] + extent, axis=1)
+        return {int(m) for m in modules[ok]} & available
+
+
+def _signature(shapes: list[tuple[int, ...]]) -> tuple[Any, ...]:
+    """What a part must share with its fused module, row by row: rank and every dimension but the first."""
+    return tuple((len(shape), tuple(shape[1:])) for shape in shapes)
 
 
 # -- parameter level ------------------------------------------------------------

@@ -46,7 +46,16 @@ from tracediff.bisect.noise import (
 )
 from tracediff.bisect.ops import is_builtin, module_settings, operator_level
 from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding
-from tracediff.bisect.tree import ROOT, frontier, is_within, join_name, snapshot, tensor_leaves, top_level
+from tracediff.bisect.tree import (
+    ROOT,
+    frontier,
+    is_within,
+    join_name,
+    snapshot,
+    tensor_leaves,
+    to_device_of,
+    top_level,
+)
 from tracediff.call_context import ContextFn, enter, pick, with_context
 from tracediff.errors import TracediffError
 from tracediff.runner import clone_inputs, default_call
@@ -82,6 +91,7 @@ def bisect_models(
     noise_factor: float = DEFAULT_NOISE_FACTOR,
     operators: bool = True,
     max_depth: int | None = None,
+    low_memory: bool = False,
 ) -> BisectResult:
     """Find the module (and operator) where the port first adds error, by teacher forcing and drill-down.
 
@@ -107,6 +117,10 @@ def bisect_models(
         noise_factor: how many times its floor a module may add before it drifts.
         operators: trace operators inside the culprit when it drifts on its own.
         max_depth: stop drilling after this many levels below the top.
+        low_memory: keep the upstream outputs and inputs recorded for teacher forcing in CPU
+            memory instead of on the models' device, moving each back when it is used: for a
+            pair that barely fits on the accelerator. Same passes and same result; slower by
+            the copies (see docs/bisection.md).
 
     Returns:
         A :class:`BisectResult`, truthy when no module adds error and the outputs agree.
@@ -129,7 +143,7 @@ def bisect_models(
         upstream, port, alignment, _tolerance(tolerance),
         upstream_call=upstream_call or call, port_call=port_call or call,
         upstream_context=pick(context, upstream_context), port_context=pick(context, port_context),
-        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor,
+        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor, low_memory=low_memory,
     )
     steps = [step] if step is not None else list(range(len(all_inputs)))
     return session.bisect(all_inputs, steps, operators=operators, max_depth=max_depth)
@@ -154,6 +168,7 @@ def isolate_models(
     transforms: Mapping[str, Transform] | None = None,
     noise_floor: bool = False,
     noise_factor: float = DEFAULT_NOISE_FACTOR,
+    low_memory: bool = False,
 ) -> Level:
     """Local, accumulated and amplification figures of one level of modules, in one step.
 
@@ -173,7 +188,7 @@ def isolate_models(
         upstream, port, alignment, _tolerance(tolerance),
         upstream_call=upstream_call or call, port_call=port_call or call,
         upstream_context=pick(context, upstream_context), port_context=pick(context, port_context),
-        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor,
+        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor, low_memory=low_memory,
     )
     names = list(modules) if modules is not None else session.top_level()
     unknown = [name for name in names if name not in session.aligned]
@@ -226,8 +241,11 @@ class _Session:
         transforms: Mapping[str, Transform] | None,
         noise_floor: bool,
         noise_factor: float,
+        low_memory: bool = False,
     ) -> None:
         self.upstream, self.port = upstream, port
+        #: where recorded outputs and inputs are kept: the CPU with ``low_memory``, else where computed
+        self.keep_on: str | None = "cpu" if low_memory else None
         self.up_modules = dict(upstream.named_modules())
         self.port_modules = dict(port.named_modules())
         self.suspects = list(alignment.suspects)
@@ -266,11 +284,11 @@ class _Session:
         up_level = [counterpart[name] for name in level]
         up_all = list(dict.fromkeys(counterpart.values()))
         reference = run_pass(self.upstream, self.up_call, clone_inputs(inputs),
-                             _Hooks(self.upstream, record=up_all, capture_inputs=up_level))
+                             _Hooks(self.upstream, record=up_all, capture_inputs=up_level, keep_on=self.keep_on))
         forced = run_pass(self.port, self.port_call, clone_inputs(inputs), _Hooks(
             self.port, reference=reference.calls, measure=level, force=[*level, *forced_extra],
             force_inputs=level, capture_inputs=level, counterpart=counterpart, transforms=self.transforms,
-            tolerance=self.tol))
+            tolerance=self.tol, keep_on=self.keep_on))
         free = run_pass(self.port, self.port_call, clone_inputs(inputs), _Hooks(
             self.port, reference=reference.calls, measure=level, counterpart=counterpart,
             transforms=self.transforms, tolerance=self.tol))
@@ -318,10 +336,10 @@ class _Session:
         if self._precise is None:
             self._precise = precise_copy(self.upstream, precise_dtype)
         reference = run_pass(self._precise, self.up_call, precise_inputs(inputs, precise_dtype),
-                             _Hooks(self._precise, record=up_all, capture_inputs=up_level))
+                             _Hooks(self._precise, record=up_all, capture_inputs=up_level, keep_on=self.keep_on))
         measured = run_pass(self.upstream, self.up_call, clone_inputs(inputs), _Hooks(
             self.upstream, reference=reference.calls, measure=up_level, force=up_all, force_inputs=up_level,
-            tolerance=lambda name: self.tolerance.for_module(None, name)))
+            tolerance=lambda name: self.tolerance.for_module(None, name), keep_on=self.keep_on))
         self.passes += 2
         return measured, reference
 
@@ -470,7 +488,10 @@ class _Session:
 
         # Each module runs alone under the autocast it was called under in the model (an
         # ancestor's ``with torch.autocast(...)``): its captured inputs may be in that dtype.
-        return self._trace(port_module, up_module, snapshot(port_calls[call].inputs), snapshot(up_calls[call].inputs),
+        port_inputs, up_inputs = snapshot(port_calls[call].inputs), snapshot(up_calls[call].inputs)
+        if self.keep_on is not None:  # kept off the device (low_memory): back where each module runs
+            port_inputs, up_inputs = to_device_of(port_inputs, port_module), to_device_of(up_inputs, up_module)
+        return self._trace(port_module, up_module, port_inputs, up_inputs,
                            tol, port_name=port_name, upstream_name=up_name, port_keys=port_keys,
                            upstream_keys=up_keys, port_call=counted_in(self.port_context),
                            upstream_call=counted_in(self.up_context),

@@ -96,6 +96,9 @@ class _Hooks:
         counterpart: module name -> name of its counterpart in ``reference``.
         transforms: module name -> transform of the reference output into this model's layout.
         tolerance: module name -> tolerance used for its metrics.
+        keep_on: where recorded outputs and inputs are kept (``"cpu"`` for ``low_memory``);
+            default the device they were computed on. Kept tensors are moved back one at a
+            time where they are compared or handed on.
     """
 
     def __init__(
@@ -111,8 +114,10 @@ class _Hooks:
         counterpart: Mapping[str, str] | None = None,
         transforms: Mapping[str, Transform] | None = None,
         tolerance: Callable[[str], Tolerance] | None = None,
+        keep_on: torch.device | str | None = None,
     ) -> None:
         self.model = model
+        self.keep_on = keep_on
         self.record = set(record)
         self.capture = set(capture_inputs)
         self.reference = reference or {}
@@ -160,15 +165,16 @@ class _Hooks:
             ref = self._ref_call(name, len(calls) - 1) if name in self.force_inputs else None
             if ref is not None and ref.inputs is not None:
                 own = list(tensor_leaves((args, kwargs)))
-                theirs = list(tensor_leaves(ref.inputs))
+                theirs = _on_devices_of(list(tensor_leaves(ref.inputs)), own)
                 if not _incompatible(theirs, own):
                     tol = self.tolerance(name)
                     record.input_drift = combine([compare(o, t, tol) for o, t in zip(own, theirs, strict=True)])
                     replaced = replace_leaves((args, kwargs), iter(_cast_like(theirs, own)))
                     record.inputs_forced = True
             if name in self.capture:
-                record.inputs = snapshot(replaced if replaced is not None else (args, kwargs))
-                record.autocast = autocast_state(device_types(module, record.inputs))
+                captured = replaced if replaced is not None else (args, kwargs)
+                record.inputs = snapshot(captured, self.keep_on)
+                record.autocast = autocast_state(device_types(module, captured))
             return replaced
 
         return hook
@@ -178,7 +184,7 @@ class _Hooks:
             call = self._stack[name].pop()
             record = self.calls[name][call]
             if name in self.record:
-                record.output = snapshot(output)
+                record.output = snapshot(output, self.keep_on)
             if name not in self.measure and name not in self.force:
                 return None
             ref = self._ref_call(name, call)
@@ -190,7 +196,7 @@ class _Hooks:
             if transform is not None:
                 expected = transform(expected)
             own = list(tensor_leaves(output))
-            theirs = list(tensor_leaves(expected))
+            theirs = _on_devices_of(list(tensor_leaves(expected)), own)
             problem = _incompatible(theirs, own)
             if problem:
                 record.reason = problem
@@ -218,6 +224,13 @@ def _incompatible(reference: list[torch.Tensor], own: list[torch.Tensor]) -> str
         if theirs.is_complex() != mine.is_complex() or theirs.is_floating_point() != mine.is_floating_point():
             return f"tensor {index}: upstream dtype {theirs.dtype} vs port {mine.dtype}"
     return ""
+
+
+def _on_devices_of(values: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Kept tensors moved to the devices of the live ones they stand for (a no-op unless kept elsewhere)."""
+    if len(values) != len(like):
+        return values
+    return [v if v.device == o.device else v.to(o.device) for v, o in zip(values, like, strict=True)]
 
 
 def _cast_like(values: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ def bisect_spec(
     noise_factor: float = DEFAULT_NOISE_FACTOR,
     transforms: dict[str, Transform] | None = None,
     max_depth: int | None = None,
+    low_memory: bool = False,
 ) -> BisectResult:
     """Build both sides of ``spec``, make the inputs of its steps, and bisect.
 
@@ -32,7 +33,7 @@ def bisect_spec(
         spec: a validated run spec.
         step: bisect only this step (default: the first step whose top level drifts).
         tolerance: overrides the spec's ``[tolerance]``.
-        noise_floor, noise_factor, transforms, max_depth: see :func:`tracediff.bisect.bisect_models`.
+        noise_floor, noise_factor, transforms, max_depth, low_memory: see :func:`tracediff.bisect.bisect_models`.
 
     Raises:
         SpecError: a side cannot be built or called, a step out of range.
@@ -70,4 +71,5 @@ def bisect_spec(
         upstream_call=upstream_call, port_call=calls["port"],
         upstream_context=context_for(spec, spec.upstream), port_context=context_for(spec, spec.port),
         noise_floor=noise_floor, noise_factor=noise_factor, transforms=transforms, max_depth=max_depth,
+        low_memory=low_memory,
     )

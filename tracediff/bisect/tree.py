@@ -158,9 +158,22 @@ def replace_leaves(obj: Any, new: Iterator[torch.Tensor], _depth: int = 0) -> An
     return obj
 
 
-def snapshot(obj: Any) -> Any:
-    """``obj`` with every tensor leaf detached and cloned (safe from later in-place writes)."""
-    return replace_leaves(obj, (t.detach().clone() for t in tensor_leaves(obj)))
+def snapshot(obj: Any, device: torch.device | str | None = None) -> Any:
+    """``obj`` with every tensor leaf detached and cloned (safe from later in-place writes).
+
+    With ``device``, the copies are kept there instead (``"cpu"``: off the accelerator, see ``low_memory``).
+    """
+    if device is None:
+        return replace_leaves(obj, (t.detach().clone() for t in tensor_leaves(obj)))
+    return replace_leaves(obj, (t.detach().to(device, copy=True) for t in tensor_leaves(obj)))
+
+
+def to_device_of(obj: Any, like: Any) -> Any:
+    """``obj`` with tensor leaves moved to the device of ``like``'s first parameter (or buffer); as is without one."""
+    device = next((t.device for t in (*like.parameters(), *like.buffers())), None)
+    if device is None:
+        return obj
+    return replace_leaves(obj, (t.to(device) for t in tensor_leaves(obj)))
 
 
 def shapes(leaves: list[torch.Tensor]) -> str:

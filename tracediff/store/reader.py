@@ -99,7 +99,7 @@ def _read(path: Path, handle: h5py.File) -> Trace:
     if count and columns["module"].max() >= len(modules.names):
         raise TraceFormatError(f"{path}: damaged trace: a record points past the module table")
     config = attrs.pop("config", {})
-    samples = np.asarray(handle["samples"][: int(last["samples"])], dtype=np.float64)
+    samples = CommittedValues(handle["samples"], int(last["samples"]))
     full = {FULL_F32: handle["full/f32"], FULL_F64: handle["full/f64"]}
     committed_full = {FULL_F32: int(last["full_f32"]), FULL_F64: int(last["full_f64"])}
     check_records(
@@ -121,6 +121,70 @@ def _read(path: Path, handle: h5py.File) -> Trace:
         _closer=handle.close,
         ranks=read_rank_layout(handle, count),
     )
+
+
+class CommittedValues:
+    """A trace's flat value table (``/samples``), read on demand up to its last commit.
+
+    ``run`` records a 256-element sample of every tensor: 2 GB per side at a million
+    records. Reading it whole cost more than everything else ``first-drift`` does
+    (mostly the kernel faulting in a fresh multi-GB array); the differ reads it chunk
+    by chunk into one reused buffer instead (:meth:`read_into`). Indexing returns
+    float64 arrays; ``np.asarray`` reads everything. Valid while the trace is open,
+    like ``full_values``.
+    """
+
+    #: Tables up to this many values are read whole on the first small read (64 MiB): the aligner
+    #: and the pre-flight read one record's sample at a time, and an h5py call costs ~0.1 ms.
+    WHOLE_BELOW = 1 << 23
+
+    def __init__(self, dataset: h5py.Dataset, length: int) -> None:
+        self._data = dataset
+        self._length = min(int(length), int(dataset.shape[0]))
+        self._whole: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self._length,)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float64)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            start, stop, stride = item.indices(self._length)
+            if stride == 1:
+                if stop <= start:
+                    return np.zeros(0)
+                if self._whole is None and self._length <= self.WHOLE_BELOW:
+                    self._whole = np.asarray(self)
+                if self._whole is not None:
+                    return self._whole[start:stop].copy()
+                return np.asarray(self._data[start:stop], dtype=np.float64)
+            return np.asarray(self)[item]
+        if isinstance(item, (int, np.integer)):
+            index = int(item) + (self._length if int(item) < 0 else 0)
+            if not 0 <= index < self._length:
+                raise IndexError(f"index {int(item)} out of range for {self._length} values")
+            return float(self._data[index])
+        return np.asarray(self)[item]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self._length)
+        if self._length:
+            self.read_into(out, 0)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def read_into(self, out: np.ndarray, start: int) -> None:
+        """Fill ``out`` (float64, contiguous) with values ``start .. start + len(out)``."""
+        if start < 0 or start + len(out) > self._length:
+            raise IndexError(f"values {start}..{start + len(out)} out of range for {self._length}")
+        if len(out):
+            self._data.read_direct(out, np.s_[start : start + len(out)], np.s_[0 : len(out)])
 
 
 def _read_modules(handle: h5py.File) -> ModuleTable:
