@@ -97,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         width=args.width, text_len=args.text_len,
     )
     t = time.perf_counter()
-    with device:  # parameters created and randomised on the device: seconds at 1.3 B, not minutes on the host
-        upstream = make_upstream(0, cfg).to(device=device, dtype=dtype)
-        port = make_port(0, cfg, bug=args.bug).to(device=device, dtype=dtype)
+    upstream = make_upstream(0, cfg).to(device=device, dtype=dtype)
+    port = make_port(0, cfg, bug=args.bug).to(device=device, dtype=dtype)
     raw = make_inputs(0, cfg, step=0)
     inputs = {k: (v.to(device=device, dtype=dtype) if k != "t" else v.to(device)) for k, v in raw.items()}
     build_s = time.perf_counter() - t
@@ -122,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         figures["modes"][mode] = run_bisect(upstream, port, inputs, meter, figures, low_memory=mode == "low_memory",
                                             preset=args.preset)
+        if args.json:  # each mode's figures as soon as they exist: a run cut short still leaves them
+            Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
     print_report(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
