@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # a folder that does not exist yet is made, not refused
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         if args.only in (None, "first-drift"):

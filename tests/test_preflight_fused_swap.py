@@ -319,3 +319,26 @@ def test_run_shows_the_swap_before_the_report(tmp_path) -> None:
     report = json.loads(next((tmp_path / "out").glob("**/report.json")).read_text())
     assert report["preflight"]["counts"] == {"identical": 107, "swapped": 16}
     assert report["preflight"]["findings"][0] == K_IN_V
+
+
+def test_bisect_shows_the_swap_before_its_culprit(tmp_path) -> None:
+    """Bisection alone blames the attention that uses the swapped weight; its pre-flight names the conversion."""
+    spec = tmp_path / "parity.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    proc = run_cli("bisect", str(spec), "--max-depth", "1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("pre-flight: 16 findings; " + SWAPPED), proc.stdout
+    headline = next(index for index, line in enumerate(lines) if line.startswith("culprit:"))
+    cause = [line for line in lines[:headline] if line.startswith(("likely cause:", "possible cause"))]
+    assert cause and "swapped pieces" in cause[0], proc.stdout
+    as_json = json.loads(run_cli("bisect", str(spec), "--max-depth", "1", "--json").stdout)
+    assert as_json["preflight"]["counts"] == {"identical": 107, "swapped": 16}
+    assert "swapped pieces" in as_json["preflight"]["likely_cause"]
+
+
+def test_bisect_of_the_clean_demo_reports_a_clean_pre_flight() -> None:
+    proc = run_cli("bisect", "--demo", "clean", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    preflight = json.loads(proc.stdout)["preflight"]
+    assert preflight["counts"] == {"identical": 123} and preflight["likely_cause"] is None

@@ -69,6 +69,12 @@ def _output_phrase(output: Metrics | None) -> str:
 def render_terminal(result: BisectResult, console: Console | None = None) -> None:
     """Print the report: headline, path from the root to the culprit, each level's table, the operator."""
     console = console or Console()
+    if result.preflight is not None and not result.preflight:
+        from tracediff.preflight import render_preflight
+
+        render_preflight(result.preflight, console)  # conversion mistakes first: they explain the culprit
+        if result.likely_cause:
+            console.print(Text(result.likely_cause, style="bold"), soft_wrap=True)
     style = "bold green" if result else "bold red"
     console.print(Text(headline(result), style=style), soft_wrap=True)  # one line, for grep and logs
     for line in _details(result):
@@ -83,6 +89,8 @@ def render_terminal(result: BisectResult, console: Console | None = None) -> Non
             console.print(Text(line), soft_wrap=True)  # source lines stay whole
     for note in result.notes:
         console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    if result.preflight is not None and result.preflight:  # clean: one line last, the headline stays first
+        console.print(Text(result.preflight.summary(), style="dim"), soft_wrap=True)
 
 
 def text(result: BisectResult, *, width: int = 140) -> str:

@@ -228,6 +228,9 @@ class BisectResult:
         output_floor: the model output's own noise floor (calibrated runs only).
         found_in: when the culprit is a module with no upstream counterpart, the isolated
             module whose operator trace found it running inside (``None`` otherwise).
+        preflight: the weights check of the two live models (a
+            :class:`~tracediff.preflight.PreflightResult`), when the caller ran one: a conversion
+            mistake is named there, where bisection alone would blame the module that uses the weight.
     """
 
     tolerance: Tolerance
@@ -247,6 +250,14 @@ class BisectResult:
     notes: list[str] = field(default_factory=list)
     output_floor: Metrics | None = None
     found_in: str | None = None
+    preflight: Any = None
+
+    @property
+    def likely_cause(self) -> str | None:
+        """The pre-flight finding that explains the culprit, if the pre-flight ran and has one."""
+        if self.preflight is None or self.culprit is None:
+            return None
+        return self.preflight.likely_cause(self.culprit, self.step)
 
     def __bool__(self) -> bool:
         return self.culprit is None and not self.output_drifts
@@ -279,6 +290,9 @@ class BisectResult:
             "levels": [level.to_dict() for level in self.path],
             "operator": self.operator.to_dict() if self.operator else None,
             "notes": self.notes,
+            "preflight": (self.preflight.to_dict(first_drift_port=self.culprit, first_drift_step=self.step)
+                          if self.preflight is not None and self.culprit is not None
+                          else self.preflight.to_dict() if self.preflight is not None else None),
         }
 
 

@@ -41,6 +41,7 @@ def bisect_spec(
     """
     from tracediff.analysis import spec_path, tolerance_from
     from tracediff.errors import SpecError
+    from tracediff.preflight import check_models
     from tracediff.runner import build_model, caller_for, clone_inputs, context_for, make_inputs, placement_for
 
     if step is not None and not 0 <= step < spec.steps:
@@ -63,9 +64,11 @@ def bisect_spec(
         cast = compute_dtype(model) if up_dtype is not None else None
         return calls["upstream"](model, clone_inputs(inputs, device=up_device, dtype=cast))
 
-    return bisect_models(
+    mapping, param_map = spec_path(spec.map, spec.base_dir), spec_path(spec.param_map, spec.base_dir)
+    preflight = check_models(models["upstream"], models["port"], mapping=mapping, param_map=param_map)
+    result = bisect_models(
         models["upstream"], models["port"], step_inputs=step_inputs, step=step,
-        mapping=spec_path(spec.map, spec.base_dir), param_map=spec_path(spec.param_map, spec.base_dir),
+        mapping=mapping, param_map=param_map,
         tolerance=tolerance if tolerance is not None else tolerance_from(
             preset_name=spec.preset, atol=spec.atol, rtol=spec.rtol),
         upstream_call=upstream_call, port_call=calls["port"],
@@ -73,3 +76,5 @@ def bisect_spec(
         noise_floor=noise_floor, noise_factor=noise_factor, transforms=transforms, max_depth=max_depth,
         low_memory=low_memory,
     )
+    result.preflight = preflight
+    return result
