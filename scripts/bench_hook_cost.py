@@ -39,7 +39,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -48,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +58,9 @@ except ImportError:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_records, beside this script
+from bench_records import TraceRefused, check_trace, count_calls  # noqa: E402
 
 import tracediff  # noqa: E402
 from tracediff import TraceConfig, attach, trace_step  # noqa: E402
@@ -74,94 +75,6 @@ MODES: dict[str, dict[str, Any]] = {
     "stats-only": {"layers": None, "stats": STATS_ONLY, "inputs": False},
     "blocks": {"layers": BLOCKS, "stats": DEFAULT_STATS, "inputs": True},
 }
-
-
-# -- what a trace must hold ------------------------------------------------------------------------
-
-
-def _tensor_leaves(obj: Any, depth: int = 0) -> int:
-    """Tensors inside a module's output or arguments, found the way a tracer walks them."""
-    if isinstance(obj, torch.Tensor):
-        return 1
-    if depth >= 16:
-        return 0
-    if isinstance(obj, (tuple, list)):
-        return sum(_tensor_leaves(item, depth + 1) for item in obj)
-    if isinstance(obj, Mapping):
-        return sum(_tensor_leaves(item, depth + 1) for item in obj.values())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(_tensor_leaves(getattr(obj, f.name, None), depth + 1) for f in dataclasses.fields(obj))
-    return 0
-
-
-@dataclasses.dataclass
-class CallCounts:
-    """Per module name: calls, output tensors and input tensors seen in one forward."""
-
-    calls: dict[str, int]
-    outputs: dict[str, int]
-    inputs: dict[str, int]
-
-    def selected(self, layers: str | None) -> list[str]:
-        import re
-
-        pattern = re.compile(layers) if layers else None
-        return [n for n in self.calls if n and (pattern is None or pattern.search(n))]
-
-    def expected_records(self, layers: str | None, inputs: bool) -> int:
-        """Records one forward must add: the model's own inputs and output, and each traced call's tensors."""
-        names = self.selected(layers)
-        total = self.inputs[""] + self.outputs[""]
-        total += sum(self.outputs[n] for n in names)
-        if inputs:
-            total += sum(self.inputs[n] for n in names)
-        return total
-
-    def traced_calls(self, layers: str | None) -> int:
-        return sum(self.calls[n] for n in self.selected(layers))
-
-
-def count_calls(model: nn.Module, run: Any) -> CallCounts:
-    """Run ``run()`` once with plain PyTorch hooks on every module, counting calls and tensors."""
-    calls = {name: 0 for name, _ in model.named_modules()}
-    outputs = dict.fromkeys(calls, 0)
-    inputs = dict.fromkeys(calls, 0)
-    handles = []
-    for name, module in model.named_modules():
-
-        def pre(module: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
-            inputs[name] += _tensor_leaves(args) + _tensor_leaves(kwargs)
-
-        def post(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
-            calls[name] += 1
-            outputs[name] += _tensor_leaves(output)
-
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post))
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return CallCounts(calls, outputs, inputs)
-
-
-class TraceRefused(RuntimeError):
-    """The measured trace is broken: no figure may be reported for it."""
-
-
-def check_trace(handle: Any, mode: str, expected: int) -> None:
-    """Refuse a trace that failed or holds fewer (or more) records than the forwards made."""
-    if handle.failures:
-        raise TraceRefused(f"mode {mode!r}: the trace failed: {handle.failures}")
-    if handle.records_written != expected:
-        raise TraceRefused(
-            f"mode {mode!r}: the trace holds {handle.records_written} records, expected {expected} "
-            "from the module calls counted"
-        )
-
-
-# -- measuring ----------------------------------------------------------------------------------
 
 
 def _sync(device: torch.device) -> None:

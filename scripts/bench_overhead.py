@@ -65,7 +65,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,10 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_records, beside this script
+
+from bench_records import CallCounts as RecordCounts  # noqa: E402
+from bench_records import count_calls as count_module_calls  # noqa: E402
 
 from tracediff import TraceConfig, attach, current_step, trace_step  # noqa: E402
 from tracediff.demo.upstream_dit import WanLikeModel, rope_params  # noqa: E402
@@ -175,69 +179,20 @@ def plant_failure(model: nn.Module) -> None:
 # -- what a trace must hold ------------------------------------------------------------------
 
 
-def tensor_leaves(obj: Any, depth: int = 0) -> int:
-    """Tensors inside a module's output or arguments (tuples, lists, mappings, dataclasses)."""
-    if isinstance(obj, torch.Tensor):
-        return 1
-    if depth >= 16:
-        return 0
-    if isinstance(obj, (tuple, list)):
-        return sum(tensor_leaves(item, depth + 1) for item in obj)
-    if isinstance(obj, Mapping):
-        return sum(tensor_leaves(item, depth + 1) for item in obj.values())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(tensor_leaves(getattr(obj, f.name, None), depth + 1) for f in dataclasses.fields(obj))
-    return 0
-
-
-@dataclasses.dataclass
-class CallCounts:
-    """Per module name (``""``: the model): calls, output tensors and input tensors in one forward."""
-
-    calls: dict[str, int]
-    outputs: dict[str, int]
-    inputs: dict[str, int]
-
-    def selected(self, layers: str | None) -> list[str]:
-        pattern = re.compile(layers) if layers else None
-        return [n for n in self.calls if n and (pattern is None or pattern.search(n))]
+class CallCounts(RecordCounts):
+    """:class:`bench_records.CallCounts`, with the records each mode of this script must write."""
 
     def records(self, mode: Mode) -> int:
         """Records one forward must add to a trace of ``mode``."""
-        names = self.selected(mode.layers)
         if mode.kind == "fastvideo":  # one JSON line per output tensor of each traced module
-            return sum(self.outputs[n] for n in names)
-        total = self.inputs[""] + self.outputs[""] + sum(self.outputs[n] for n in names)
-        return total + (sum(self.inputs[n] for n in names) if mode.inputs else 0)
-
-    def traced_calls(self, layers: str | None) -> int:
-        return sum(self.calls[n] for n in self.selected(layers))
+            return self.output_tensors(mode.layers)
+        return self.expected_records(mode.layers, mode.inputs)
 
 
 def count_calls(model: nn.Module, inputs: dict[str, torch.Tensor]) -> CallCounts:
     """One forward with plain PyTorch hooks on every module, counting calls and tensors."""
-    calls = {name: 0 for name, _ in model.named_modules()}
-    outputs = dict.fromkeys(calls, 0)
-    inputs_seen = dict.fromkeys(calls, 0)
-    handles = []
-    for name, module in model.named_modules():
-
-        def pre(module: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
-            inputs_seen[name] += tensor_leaves(args) + tensor_leaves(kwargs)
-
-        def post(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
-            calls[name] += 1
-            outputs[name] += tensor_leaves(output)
-
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return CallCounts(calls, outputs, inputs_seen)
+    counted = count_module_calls(model, lambda: model(**inputs))
+    return CallCounts(counted.calls, counted.outputs, counted.inputs)
 
 
 # -- the FastVideo-style hook -----------------------------------------------------------------------
