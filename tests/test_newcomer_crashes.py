@@ -211,6 +211,18 @@ def test_debug_shows_the_full_traceback(tmp_path, how) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("tracediff run: error: calling the upstream model")
 
 
+def test_debug_shows_the_side_processs_traceback_with_isolate_sides(tmp_path) -> None:
+    spec = _spec(tmp_path, 'factory = "models.py:build"\nkwargs = { boom = true }')
+    args = ["run", str(spec), "--no-progress", "--isolate-sides"]
+    plain = run_cli(*args, "--out", str(tmp_path / "plain"))
+    assert_one_line_error(plain, "calling the upstream model")
+    proc = run_cli(*args, "--out", str(tmp_path / "debug"), "--debug")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert 'models.py", line 22, in explode' in proc.stderr  # raised in the side process, shown here
+    assert proc.stderr.strip().splitlines()[-1].startswith("tracediff run: error: calling the upstream model")
+
+
 def test_debug_shows_a_traced_scripts_traceback(tmp_path) -> None:
     script = tmp_path / "broken.py"
     script.write_text("def load():\n    raise KeyError('missing')\n\nload()\n")

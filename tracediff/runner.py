@@ -28,7 +28,7 @@ from torch import nn
 
 from tracediff.call_context import ContextFn, with_context
 from tracediff.config import TraceConfig, check_layers_match
-from tracediff.errors import SpecError, TracediffError, model_call_message
+from tracediff.errors import SpecError, TracediffError, debug_enabled, model_call_message
 from tracediff.factory import call_with_supported, check_kwargs, resolve
 from tracediff.hooks import attach, trace_step
 from tracediff.progress import RunProgress, StepCounter, forward_events
@@ -324,6 +324,8 @@ def _trace_in_subprocess(spec: RunSpec, side: str, out_dir: Path, progress: RunP
     with _cleanup(spec_file, result_file):
         stderr, returncode = _run_worker(command, progress)
         if returncode != 0 or not result_file.exists():
+            if debug_enabled():  # --debug: the side process's own traceback, then the one-line message
+                sys.stderr.write(stderr)
             lines = [line for line in stderr.splitlines() if line.strip()]
             detail = lines[-1] if lines else f"exit code {returncode}"
             prefix = "tracediff-worker: "

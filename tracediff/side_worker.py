@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
-from tracediff.errors import TracediffError
+from tracediff.errors import TracediffError, debug_enabled
 from tracediff.progress import PipeProgress
 
 
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> int:
         spec = spec_from_json(Path(spec_file).read_text())
         result = trace_side(spec, side, Path(out_dir), progress=progress)
     except TracediffError as exc:
+        if debug_enabled():  # the parent passes this process's stderr on under --debug
+            traceback.print_exc()
         print(f"tracediff-worker: {exc}", file=sys.stderr)
         return 2
     finally:
