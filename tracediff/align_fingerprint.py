@@ -16,9 +16,12 @@ way round) without ever seeing the tensors.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,30 +65,47 @@ class FingerprintIndex:
         self.port = port
         self.candidates: dict[int, dict[int, ModuleMatch]] = {}
         self.reverse: dict[int, dict[int, ModuleMatch]] = defaultdict(dict)
+        # The first identity row of a module is matched twice (window, then multiset): computed once.
+        self._matches: dict[tuple[int, int], tuple[bool, str] | None] = {}
         by_numel = _index_by_numel(port, skip_port)
-        for module, rows in enumerate(upstream.identity):
-            if not rows or module in skip_upstream:
-                continue
-            found = self._match_module(module, rows, by_numel)
+        modules = [m for m, rows in enumerate(upstream.identity) if rows and m not in skip_upstream]
+        screened = _screened_candidates(upstream, [upstream.identity[m][0] for m in modules], by_numel)
+        for module, window in zip(modules, screened, strict=True):
+            rows = upstream.identity[module]
+            found = self._match_module(rows, window)
             if found:
                 self.candidates[module] = found
                 for other, how in found.items():
                     self.reverse[other][module] = how
 
-    def _match_module(
-        self, module: int, rows: list[int], by_numel: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
-    ) -> dict[int, ModuleMatch]:
-        first = _param_candidates(self.upstream, rows[0], self.port, by_numel)
+    def _match(self, i: int, j: int) -> tuple[bool, str] | None:
+        """:func:`_param_match` of upstream row ``i`` and port row ``j``, remembered."""
+        key = (i, j)
+        if key not in self._matches:
+            self._matches[key] = _param_match(self.upstream, i, self.port, j)
+        return self._matches[key]
+
+    def _match_module(self, rows: list[int], window: np.ndarray) -> dict[int, ModuleMatch]:
+        """Port modules whose identity tensors all match ``rows`` (``window``: screened rows for ``rows[0]``)."""
+        first = [int(r) for r in window if self._match(rows[0], int(r)) is not None]
         owners = {self.port.table.params[row].module_index for row in first}
         found: dict[int, ModuleMatch] = {}
         for owner in sorted(owners):
             other_rows = self.port.identity[owner]
             if len(other_rows) != len(rows):
                 continue
-            how = _match_multiset(self.upstream, rows, self.port, other_rows)
+            how = _match_multiset(rows, other_rows, self._match)
             if how is not None:
                 found[owner] = how
         return found
+
+    def _match(self, i: int, j: int) -> tuple[bool, str] | None:
+        """:func:`_param_match` of upstream row ``i`` and port row ``j``, remembered."""
+        key = (i, j)
+        if key not in self._matches:
+            self._matches[key] = _param_match(self.upstream, i, self.port, j)
+        return self._matches[key]
+
 
 
 def find_fused(
@@ -134,10 +154,16 @@ def find_fused(
             continue
         by_parent[parent_name(parts_side.names[module])].append(module)
     fits: list[tuple[int, ...]] = []
+    whole = tuple(shape[0] for shape in shapes)
     for siblings in by_parent.values():
+        # Most combinations fail on their first dimensions alone: add those up before _stacks_to's full test.
         for size in range(2, min(MAX_FUSED_PARTS, len(siblings)) + 1):
             for combo in itertools.combinations(siblings, size):
-                if _stacks_to(parts_side, combo, fused_side, rows):
+                if tuple(map(sum, zip(*(_first_dims(parts_side, m) for m in combo), strict=True))) != whole:
+                    continue
+                if _abs_sums_may_stack(parts_side, combo, fused_side, rows) and _stacks_to(
+                    parts_side, combo, fused_side, rows
+                ):
                     fits.append(combo)
     if len(fits) != 1:
         return None
@@ -191,7 +217,7 @@ class FusedShortlist:
             ok &= np.all(moments[:, :, _SQ] <= target[:, _SQ] * (1 + 2 * CROSS_DTYPE_RTOL) + 1e-30, axis=1)
             ok &= np.all(moments[:, :, _MIN] >= target[:, _MIN] - extent, axis=1)
             ok &= np.all(moments[:, :, _MAX] <= target[:, _MAX] + extent, axis=1)
-        return {int(m) for m in modules[ok]} & available
+        return set(modules[ok].tolist()) & available
 
 
 def _signature(shapes: list[tuple[int, ...]]) -> tuple[Any, ...]:
@@ -202,50 +228,104 @@ def _signature(shapes: list[tuple[int, ...]]) -> tuple[Any, ...]:
 # -- parameter level ------------------------------------------------------------
 
 
-def _index_by_numel(side: Side, skip: set[int]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Identity rows grouped by element count, sorted by sum of squares for window lookups."""
-    groups: dict[int, list[int]] = defaultdict(list)
+#: Identity rows of one side of one element count and dtype: sums of squares (sorted), rows, their moments.
+_Bucket = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _index_by_numel(side: Side, skip: set[int]) -> dict[int, dict[str, _Bucket]]:
+    """Identity rows grouped by element count, then dtype, sorted by sum of squares for window lookups.
+
+    Split by dtype because a tensor of the same dtype must match to 1e-6, which
+    narrows the window on the sum of squares to almost nothing (see :func:`_windows`).
+    """
+    groups: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for module, rows in enumerate(side.identity):
         if module in skip:
             continue
         for row in rows:
-            groups[math.prod(side.table.params[row].shape)].append(row)
-    index = {}
-    for numel, rows in groups.items():
-        moments = side.table.param_moments[np.asarray(rows, dtype=np.int64)]
-        order = np.argsort(moments[:, _SQ], kind="stable")
-        index[numel] = (moments[order, _SQ].copy(), np.asarray(rows, dtype=np.int64)[order], moments[order])
+            entry = side.table.params[row]
+            groups[math.prod(entry.shape)][entry.dtype].append(row)
+    index: dict[int, dict[str, _Bucket]] = {}
+    for numel, by_dtype in groups.items():
+        index[numel] = {}
+        for dtype, rows in by_dtype.items():
+            moments = side.table.param_moments[np.asarray(rows, dtype=np.int64)]
+            order = np.argsort(moments[:, _SQ], kind="stable")
+            index[numel][dtype] = (moments[order, _SQ].copy(), np.asarray(rows, dtype=np.int64)[order], moments[order])
     return index
 
 
-def _param_candidates(
-    side: Side, row: int, other: Side, by_numel: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
-) -> list[int]:
-    numel = math.prod(side.table.params[row].shape)
-    if numel not in by_numel:
-        return []
-    keys, rows, moments = by_numel[numel]
-    mine = side.table.param_moments[row]
-    sumsq = float(mine[_SQ])
-    if math.isnan(sumsq):
-        window = np.flatnonzero(np.isnan(keys))
-    else:
-        slack = 2 * CROSS_DTYPE_RTOL * abs(sumsq) + 1e-30
-        low = int(np.searchsorted(keys, sumsq - slack, side="left"))
-        high = int(np.searchsorted(keys, sumsq + slack, side="right"))
-        # Cheap vectorised screen on |sum| and sum before the exact per-pair check.
-        near = moments[low:high]
-        scale = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, _ABS]), abs(mine[_ABS])) + 1e-30
-        extent = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, [_MIN, _MAX]]).max(axis=1), abs(mine[_MAX])) + 1e-30
-        with np.errstate(invalid="ignore"):
-            keep = (
-                (np.abs(near[:, _ABS] - mine[_ABS]) <= scale)
-                & (np.abs(near[:, _SUM] - mine[_SUM]) <= scale)
-                & ((np.abs(near[:, _MIN] - mine[_MIN]) <= extent) | (np.isnan(near[:, _MIN]) & np.isnan(mine[_MIN])))
-                & ((np.abs(near[:, _MAX] - mine[_MAX]) <= extent) | (np.isnan(near[:, _MAX]) & np.isnan(mine[_MAX])))
-            )
-        window = low + np.flatnonzero(keep)
-    return [int(rows[k]) for k in window if _param_match(side, row, other, int(rows[k])) is not None]
+def _screened_candidates(side: Side, rows: list[int], by_numel: dict[int, dict[str, _Bucket]]) -> list[np.ndarray]:
+    """For each of ``rows``, the other side's rows that may hold its values, all rows of a size at once.
+
+    Same-sized rows whose sum of squares lies within the window, that pass the
+    screen on |sum|, sum and extrema, and may pass :func:`_moments_close`; the
+    caller runs the exact :func:`_param_match` on these few. Done row by row,
+    the array operations' overhead was most of the fingerprint stage at 5 000 modules.
+    """
+    found: list[list[np.ndarray]] = [[] for _ in rows]
+    by_size: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for k, row in enumerate(rows):
+        entry = side.table.params[row]
+        by_size[(math.prod(entry.shape), entry.dtype)].append(k)
+    for (numel, dtype), ks in by_size.items():
+        mine = side.table.param_moments[np.asarray([rows[k] for k in ks], dtype=np.int64)]
+        for other_dtype, (keys, others, moments) in by_numel.get(numel, {}).items():
+            rtol = SAME_DTYPE_RTOL if other_dtype == dtype else CROSS_DTYPE_RTOL
+            owner, window = _windows(mine, keys, moments, rtol)
+            kept = _moments_may_be_close(mine[owner], moments[window], np.full(len(window), rtol))
+            owner, window = owner[kept], window[kept]
+            bounds = np.searchsorted(owner, np.arange(len(ks) + 1))
+            for i, k in enumerate(ks):
+                found[k].append(others[window[bounds[i]:bounds[i + 1]]])
+    return [np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64) for parts in found]
+
+
+def _windows(mine: np.ndarray, keys: np.ndarray, moments: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(which of mine, index into keys)`` of every pair in a row's sum-of-squares window passing the screen.
+
+    Row by row: a NaN sum of squares takes every NaN key; otherwise the window
+    ``sumsq ± 2 % (+1e-30)`` of the sorted keys, screened on |sum|, sum and extrema.
+    Pairs come sorted by row of ``mine``, then by key.
+
+    Only pairs that may pass :func:`_moments_close` at ``rtol`` matter, and it bounds
+    the sums of squares too: ``|a - b| <= 2 rtol max(|a|, |b|)`` implies
+    ``|a - b| <= 2 rtol |a| / (1 - 2 rtol)``; a finite sum of squares' window is cut to
+    that (widened by 3 %), which at 1e-6 (same dtype) leaves a handful of rows, not all of them.
+    """
+    sumsq = mine[:, _SQ]
+    nan = np.isnan(sumsq)
+    slack = 2 * CROSS_DTYPE_RTOL * np.abs(sumsq) + 1e-30
+    low = np.searchsorted(keys, sumsq - slack, side="left")
+    high = np.searchsorted(keys, sumsq + slack, side="right")
+    bound = 2.06 * rtol / (1 - 2 * rtol) * np.abs(sumsq) + 1e-290
+    finite = np.isfinite(sumsq) & np.isfinite(bound)
+    low[finite] = np.maximum(low, np.searchsorted(keys, sumsq - bound, side="left"))[finite]
+    high[finite] = np.minimum(high, np.searchsorted(keys, sumsq + bound, side="right"))[finite]
+    low[nan], high[nan] = 0, 0
+    counts = np.maximum(high - low, 0)
+    owner = np.repeat(np.arange(len(mine)), counts)
+    starts = np.cumsum(counts) - counts
+    index = np.repeat(low, counts) + (np.arange(int(counts.sum())) - np.repeat(starts, counts))
+    near, m = moments[index], mine[owner]
+    scale = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, _ABS]), np.abs(m[:, _ABS])) + 1e-30
+    extent = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, [_MIN, _MAX]]).max(axis=1), np.abs(m[:, _MAX])) + 1e-30
+    with np.errstate(invalid="ignore"):
+        keep = (
+            (np.abs(near[:, _ABS] - m[:, _ABS]) <= scale)
+            & (np.abs(near[:, _SUM] - m[:, _SUM]) <= scale)
+            & ((np.abs(near[:, _MIN] - m[:, _MIN]) <= extent) | (np.isnan(near[:, _MIN]) & np.isnan(m[:, _MIN])))
+            & ((np.abs(near[:, _MAX] - m[:, _MAX]) <= extent) | (np.isnan(near[:, _MAX]) & np.isnan(m[:, _MAX])))
+        )
+    owner, index = owner[keep], index[keep]
+    if nan.any():  # rare: a tensor whose sum of squares is NaN matches only such tensors, unscreened
+        nan_keys = np.flatnonzero(np.isnan(keys))
+        extra_owner = np.repeat(np.flatnonzero(nan), len(nan_keys))
+        extra_index = np.tile(nan_keys, int(nan.sum()))
+        owner, index = np.concatenate([owner, extra_owner]), np.concatenate([index, extra_index])
+        order = np.argsort(owner, kind="stable")
+        owner, index = owner[order], index[order]
+    return owner, index
 
 
 def _param_match(a: Side, i: int, b: Side, j: int) -> tuple[bool, str] | None:
@@ -272,11 +352,16 @@ def _param_match(a: Side, i: int, b: Side, j: int) -> tuple[bool, str] | None:
     return None
 
 
-def _match_multiset(a: Side, rows_a: list[int], b: Side, rows_b: list[int]) -> ModuleMatch | None:
-    """Pair every identity tensor of one module with a distinct one of the other (names ignored)."""
+def _match_multiset(
+    rows_a: list[int], rows_b: list[int], match: Callable[[int, int], tuple[bool, str] | None]
+) -> ModuleMatch | None:
+    """Pair every identity tensor of one module with a distinct one of the other (names ignored).
+
+    ``match(i, j)`` is :func:`_param_match` of row ``i`` of one side and row ``j`` of the other.
+    """
     options = []
     for i in rows_a:
-        found = {j: how for j in rows_b if (how := _param_match(a, i, b, j)) is not None}
+        found = {j: how for j in rows_b if (how := match(i, j)) is not None}
         if not found:
             return None
         options.append(found)
@@ -309,8 +394,35 @@ def _moments_close(ma: np.ndarray, mb: np.ndarray, rtol: float) -> bool:
         return False
     if not _close(ma[_SQ], mb[_SQ], 2 * rtol * max(abs(ma[_SQ]), abs(mb[_SQ]))):
         return False
-    extent = np.nanmax(np.abs([ma[_MIN], ma[_MAX], mb[_MIN], mb[_MAX], 0.0]))
+    # np.nanmax of the absolute values and 0, in plain floats (called thousands of times)
+    extent = max(abs(float(v)) for v in (ma[_MIN], ma[_MAX], mb[_MIN], mb[_MAX], 0.0) if not math.isnan(v))
     return _close(ma[_MIN], mb[_MIN], rtol * extent) and _close(ma[_MAX], mb[_MAX], rtol * extent)
+
+
+def _moments_may_be_close(mine: np.ndarray, others: np.ndarray, rtol: np.ndarray) -> np.ndarray:
+    """Which rows of ``others`` may pass :func:`_moments_close` against ``mine`` (one row, or one per row).
+
+    A window of same-sized tensors with similar sums of squares holds dozens of
+    rows per module at 5 000 modules, and nearly all fail the tight tolerance; the
+    scalar test per row was most of the fingerprint stage. This is a superset
+    (tolerances widened by 1e-6 of themselves, NaN and inf always kept), so the
+    exact scalar test on the survivors decides as before.
+    """
+    n = len(others)
+    mine = np.broadcast_to(mine, (n, mine.shape[-1]))
+    loose = rtol * (1 + 1e-6)
+    with np.errstate(invalid="ignore", over="ignore"):
+        extent = np.nanmax(np.abs(np.column_stack([
+            mine[:, _MIN], mine[:, _MAX], others[:, _MIN], others[:, _MAX], np.zeros(n),
+        ])), axis=1) if n else np.zeros(0)
+        scale = np.maximum(np.abs(others[:, _ABS]), np.abs(mine[:, _ABS]))
+        sq_scale = 2 * np.maximum(np.abs(others[:, _SQ]), np.abs(mine[:, _SQ]))
+        keep = (others[:, _NAN] == mine[:, _NAN]) & (others[:, _INF] == mine[:, _INF])
+        for column, tolerance in ((_SUM, scale), (_ABS, scale), (_SQ, sq_scale), (_MIN, extent), (_MAX, extent)):
+            x, y = others[:, column], mine[:, column]
+            unsure = ~np.isfinite(x) | ~np.isfinite(y) | ~np.isfinite(tolerance)
+            keep &= unsure | (np.abs(x - y) <= loose * tolerance + 1e-300)
+    return keep
 
 
 def _samples_close(sa: np.ndarray, sb: np.ndarray, rtol: float) -> bool:
@@ -336,9 +448,24 @@ def _close(x: float, y: float, atol: float) -> bool:
 
 
 def _ordered_rows(side: Side, module: int) -> list[int]:
-    """Identity rows in a canonical order so parts and fused tensor line up by role."""
-    rows = side.identity[module]
-    return sorted(rows, key=lambda r: (len(side.table.params[r].shape), side.table.params[r].name))
+    """Identity rows in a canonical order so parts and fused tensor line up by role.
+
+    Asked for again and again (every combination of siblings, every permutation),
+    so each module's order is sorted once and kept on the side; do not modify the list.
+    """
+    cache = side.ordered_rows
+    if module not in cache:
+        rows = side.identity[module]
+        cache[module] = sorted(rows, key=lambda r: (len(side.table.params[r].shape), side.table.params[r].name))
+    return cache[module]
+
+
+def _first_dims(side: Side, module: int) -> tuple[int, ...]:
+    """First dimension of each identity tensor in :func:`_ordered_rows` order (kept on the side, like it)."""
+    cache = side.first_dims
+    if module not in cache:
+        cache[module] = tuple(side.table.params[r].shape[0] for r in _ordered_rows(side, module))
+    return cache[module]
 
 
 def _moments(side: Side, row: int) -> np.ndarray:
@@ -364,15 +491,41 @@ def _within(part: np.ndarray, whole: np.ndarray) -> bool:
 def _stacks_to(parts_side: Side, combo: tuple[int, ...], fused_side: Side, rows: list[int]) -> bool:
     """Do the parts' tensors, stacked on dim 0, have the fused tensors' shapes and moments?"""
     part_rows = [_ordered_rows(parts_side, module) for module in combo]
+    params = parts_side.table.params
+    # The shapes rule most combinations out: test them all before any moment (the answer is the same).
+    for k, row in enumerate(rows):
+        if sum(params[r[k]].shape[0] for r in part_rows) != fused_side.table.params[row].shape[0]:
+            return False
     for k, row in enumerate(rows):
         whole = fused_side.table.params[row]
-        pieces = [parts_side.table.params[r[k]] for r in part_rows]
-        if sum(p.shape[0] for p in pieces) != whole.shape[0]:
-            return False
+        pieces = [params[r[k]] for r in part_rows]
         same_dtype = all(p.dtype == whole.dtype for p in pieces)
         rtol = SAME_DTYPE_RTOL if same_dtype else CROSS_DTYPE_RTOL
         stacked = _stack_moments(np.stack([parts_side.table.param_moments[r[k]] for r in part_rows]))
         if not _moments_close(stacked, fused_side.table.param_moments[row], rtol):
+            return False
+    return True
+
+
+def _abs_sums_may_stack(parts_side: Side, combo: tuple[int, ...], fused_side: Side, rows: list[int]) -> bool:
+    """Whether the parts' |sums| may add up to the fused tensors' as :func:`_stacks_to` requires (plain floats).
+
+    Siblings of the right sizes in every other block reach :func:`_stacks_to`
+    and fail there on their moments, each through several array operations. The
+    |sum| test alone (tolerance widened by 1e-6 of itself, non-finite values left
+    to the full test) turns them away first; what passes still gets the full test.
+    """
+    part_rows = [_ordered_rows(parts_side, module) for module in combo]
+    params, moments = parts_side.table.params, parts_side.table.param_moments
+    for k, row in enumerate(rows):
+        whole = fused_side.table.params[row]
+        same_dtype = all(params[r[k]].dtype == whole.dtype for r in part_rows)
+        rtol = SAME_DTYPE_RTOL if same_dtype else CROSS_DTYPE_RTOL
+        total = sum(float(moments[r[k], _ABS]) for r in part_rows)
+        target = float(fused_side.table.param_moments[row, _ABS])
+        if not (math.isfinite(total) and math.isfinite(target)):
+            continue
+        if abs(total - target) > rtol * (1 + 1e-6) * max(abs(total), abs(target)) + 1e-290:
             return False
     return True
 
@@ -404,26 +557,54 @@ def _concat_order(
 
 
 def _sample_agreement(parts_side: Side, perm: list[int], fused_side: Side, rows: list[int]) -> int | None:
+    """How many fused sample values agree with a part's sample at the same position (None: one disagrees).
+
+    The parts are taken as stacked in the order ``perm``. Called for every
+    permutation of every fused module, so positions are looked up in dicts and
+    single values compared as floats (:func:`_value_close`), not as arrays.
+    """
     hits = 0
+    ordered = [_ordered_rows(parts_side, module) for module in perm]
     for k, row in enumerate(rows):
         whole = fused_side.table.params[row]
-        part_rows = [_ordered_rows(parts_side, module)[k] for module in perm]
+        part_rows = [r[k] for r in ordered]
         numels = [math.prod(parts_side.table.params[r].shape) for r in part_rows]
-        starts = np.cumsum([0, *numels])
+        starts = [0, *itertools.accumulate(numels)]
         positions = _sample_positions(math.prod(whole.shape), FINGERPRINT_SAMPLE)
-        values = fused_side.table.param_samples[row]
+        values = fused_side.table.param_samples[row].tolist()
         rtol = SAME_DTYPE_RTOL if parts_side.table.params[part_rows[0]].dtype == whole.dtype else CROSS_DTYPE_RTOL
+        slots = [_position_slots(numel) for numel in numels]
         for slot, flat in enumerate(positions):
-            which = int(np.searchsorted(starts, flat, side="right")) - 1
-            local = flat - int(starts[which])
-            part_positions = _sample_positions(numels[which], FINGERPRINT_SAMPLE)
-            if local not in part_positions:
+            which = bisect.bisect_right(starts, flat) - 1
+            local = flat - starts[which]
+            where = slots[which].get(local)
+            if where is None:
                 continue
-            expected = parts_side.table.param_samples[part_rows[which]][part_positions.index(local)]
-            if not _samples_close(np.array([values[slot]]), np.array([expected]), rtol):
+            expected = float(parts_side.table.param_samples[part_rows[which]][where])
+            if not _value_close(values[slot], expected, rtol):
                 return None
             hits += 1
     return hits
+
+
+@functools.lru_cache(maxsize=4096)
+def _position_slots(numel: int) -> dict[int, int]:
+    """Flat position -> its slot in a tensor's fingerprint sample (the first slot where positions repeat).
+
+    Remembered per size (every permutation of every fused module asks); do not modify the dict.
+    """
+    slots: dict[int, int] = {}
+    for slot, flat in enumerate(_sample_positions(numel, FINGERPRINT_SAMPLE)):
+        slots.setdefault(flat, slot)
+    return slots
+
+
+def _value_close(x: float, y: float, rtol: float) -> bool:
+    """:func:`_samples_close` of one value each, without building arrays (the same float64 operations)."""
+    if math.isnan(x) or math.isnan(y):
+        return math.isnan(x) and math.isnan(y)
+    floor = rtol * 1e-3 * abs(y)
+    return abs(x - y) <= rtol * abs(y) + floor + 1e-300
 
 
 def _join(*parts: str) -> str:

@@ -60,6 +60,9 @@ class ValueIndex:
         self._stats: dict[tuple[str, int], dict[str, float]] = {}
         # Each derived statistic is computed for all of a trace's records at once: once per side, not per lookup.
         self._columns: dict[tuple[str, str], np.ndarray | None] = {}
+        # Proposals and checks ask for the same pairs of records again: each distance is computed once.
+        self._distances: dict[tuple[int, int], float | None] = {}
+        self._records: dict[tuple[str, int], tuple[tuple[int, ...], np.ndarray | None]] = {}
 
     @property
     def usable(self) -> bool:
@@ -103,9 +106,15 @@ class ValueIndex:
 
     def distance(self, u_record: int, p_record: int) -> float | None:
         """Largest relative difference over the statistics both records allow comparing."""
+        key = (u_record, p_record)
+        if key not in self._distances:
+            self._distances[key] = self._distance(u_record, p_record)
+        return self._distances[key]
+
+    def _distance(self, u_record: int, p_record: int) -> float | None:
         up, port = self.up.trace, self.port.trace
         assert up is not None and port is not None
-        u_shape, p_shape = up.records.shape_of(u_record), port.records.shape_of(p_record)
+        u_shape, p_shape = self._record("upstream", up, u_record)[0], self._record("port", port, p_record)[0]
         names = _comparable_stats(u_shape, p_shape)
         if names is None:
             return None
@@ -125,10 +134,18 @@ class ValueIndex:
             worst = max(worst, abs(x - y) / norm if norm > 0 else (0.0 if x == y else math.inf))
             compared += 1
         if u_shape == p_shape:
-            sample = _sample_distance(up.sample(u_record), port.sample(p_record))
+            u_sample, p_sample = self._record("upstream", up, u_record)[1], self._record("port", port, p_record)[1]
+            sample = _sample_distance(u_sample, p_sample)
             if sample is not None:
                 worst, compared = max(worst, sample), compared + 1
         return worst if compared else None
+
+    def _record(self, side: str, trace, record: int) -> tuple[tuple[int, ...], np.ndarray | None]:  # noqa: ANN001
+        """A record's shape and sample, read once: one record is compared with several candidates."""
+        key = (side, record)
+        if key not in self._records:
+            self._records[key] = (trace.records.shape_of(record), trace.sample(record))
+        return self._records[key]
 
     def _record_stats(self, side: str, trace, record: int) -> dict[str, float]:  # noqa: ANN001
         key = (side, record)
