@@ -139,10 +139,12 @@ def report_data(result: DiffResult) -> dict[str, Any]:
     budget = MAX_EMBEDDED_ROWS
     left_out: list[int] = []
     for step in result.steps:
-        rows = _step_rows(result, step)
-        if step != result.curve_step and len(rows) > budget:
+        # counted before the rows are built: at 1 M records most steps are left out, and building
+        # their rows (a Python object each) cost more than all the rest of first-drift --html
+        if step != result.curve_step and _step_count(result, step) > budget:
             left_out.append(step)
             continue
+        rows = _step_rows(result, step)
         budget -= len(rows)
         if step == result.curve_step:
             first = result.first_drift_index if result.first_drift is not None else None
@@ -246,6 +248,14 @@ def svg_chart(result: DiffResult, *, width: int = 960, plot_height: int = 250) -
         parts.append(f'<circle cx="{x_of(at):.1f}" cy="{y:.1f}" r="7" fill="none" stroke="#c62828" stroke-width="2"/>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _step_count(result: DiffResult, step: int) -> int:
+    """``len(_step_rows(result, step))`` without building the rows."""
+    if step == result.curve_step:
+        return len(result.rows)
+    table = result._table  # noqa: SLF001 - see _step_rows
+    return 0 if table is None else len(table.step_rows(step))
 
 
 def _step_rows(result: DiffResult, step: int) -> list[LayerRow]:

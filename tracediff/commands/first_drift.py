@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise DiffError(f"--html {args.html}: cannot write ({exc.strerror or exc})") from None
         if args.json:
-            json.dump({**to_json(result), "preflight": preflight_json(preflight, result)}, sys.stdout, indent=2)
+            # one write: json.dump would write its ~450 000 pieces one by one (1-1.5 s at 1 M records)
+            sys.stdout.write(json.dumps({**to_json(result), "preflight": preflight_json(preflight, result)}, indent=2))
             sys.stdout.write("\n")
         else:
             console = wide_console()
