@@ -66,7 +66,7 @@ import tracediff  # noqa: E402
 from tracediff import TraceConfig, attach, trace_step  # noqa: E402
 from tracediff.demo.models import DemoConfig, make_inputs, make_upstream  # noqa: E402
 
-#: What ``tracediff run`` and the pytest plugin record by default (tracediff/spec.py).
+#: What ``tracediff run`` and the pytest plugin record by default (tracediff/pipeline/spec.py).
 DEFAULT_STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"
 STATS_ONLY = "abs_mean,sum,min,max,std,l2,nan_count,inf_count"
 BLOCKS = r"^blocks\.\d+$"

@@ -82,7 +82,7 @@ from bench_records import count_calls as count_module_calls  # noqa: E402
 from tracediff import TraceConfig, attach, current_step, trace_step  # noqa: E402
 from tracediff.demo.upstream_dit import WanLikeModel, rope_params  # noqa: E402
 
-#: What ``tracediff run`` and the pytest plugin record by default (``tracediff.spec.DEFAULT_STATS``,
+#: What ``tracediff run`` and the pytest plugin record by default (``tracediff.pipeline.spec.DEFAULT_STATS``,
 #: checked by tests/test_benchmarks.py), with module inputs.
 DEFAULT_STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"
 STATS_ONLY = "abs_mean,sum,min,max,std,l2,nan_count,inf_count"

@@ -3,7 +3,7 @@
 Both pairs are real traces of the bundled demo pair (a Wan-style upstream DiT
 and its FastVideo-style port: ``blocks.N.self_attn.q/k/v`` against
 ``transformer_blocks.N.attn1.to_qkv``, other names throughout, a planted bug),
-recorded through the public API (:func:`tracediff.runner.trace_model`, the
+recorded through the public API (:func:`tracediff.pipeline.runner.trace_model`, the
 function behind ``tracediff run``) with ``run``'s defaults: its statistics
 including ``sample``, and module inputs on, which doubles the records.
 
@@ -98,8 +98,8 @@ def trace_pair(work: Path, *, depth: int, steps: int, bug: str | None) -> tuple[
 
     from tracediff.config import TraceConfig
     from tracediff.demo.models import DemoConfig, make_inputs, make_port, make_upstream
-    from tracediff.runner import trace_model
-    from tracediff.spec import DEFAULT_STATS
+    from tracediff.pipeline.runner import trace_model
+    from tracediff.pipeline.spec import DEFAULT_STATS
 
     work.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(depth=depth)
@@ -204,10 +204,11 @@ def first_drift_phases(up: Path, port: Path) -> dict[str, float]:
     """What ``first-drift`` does, phase by phase, in this process."""
     from rich.console import Console
 
-    from tracediff.align import align
+    from tracediff.align.aligner import align
     from tracediff.diff import diff_traces
-    from tracediff.preflight import check_traces, preflight_json, render_preflight
-    from tracediff.report import render_terminal, to_json
+    from tracediff.preflight import check_traces
+    from tracediff.render.preflight import preflight_json, render_preflight
+    from tracediff.render.report import render_terminal, to_json
     from tracediff.store.load import load_trace
 
     out: dict[str, float] = {}
@@ -277,7 +278,7 @@ def bench_align(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     cli = [run_cli(argv) for _ in range(args.repeat)]
     inproc = [run_in_process(argv) for _ in range(args.repeat)]
     api = []
-    from tracediff.align import align
+    from tracediff.align.aligner import align
     from tracediff.store.reader import open_trace
 
     with open_trace(up) as a, open_trace(port) as b:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tracediff import TraceConfig, attach, open_trace
-from tracediff.align import (
+from tracediff.align.aligner import (
     MappingSpec,
     align,
     align_models,
@@ -29,8 +29,8 @@ from tracediff.align import (
     parse_mapping,
     write_mapping,
 )
-from tracediff.align_order import monotone_anchors, pair_by_order
-from tracediff.alignment import Alignment
+from tracediff.align.alignment import Alignment
+from tracediff.align.order import monotone_anchors, pair_by_order
 from tracediff.errors import AlignmentError
 
 DIM = 16

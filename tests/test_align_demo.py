@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tracediff import TraceConfig, attach, open_trace
-from tracediff.align import align, align_models, coverage
-from tracediff.alignment import Alignment
+from tracediff.align.aligner import align, align_models, coverage
+from tracediff.align.alignment import Alignment
 from tracediff.demo import (
     BUGS,
     PARAM_NAMES_MAPPING,

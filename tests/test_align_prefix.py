@@ -20,8 +20,8 @@ from torch import nn
 
 from tests.test_align import FUSED, PARAM_MAP, TRUTH, make_pair, trace_both
 from tests.test_cli_align import run_cli
-from tracediff.align import align
-from tracediff.alignment import Alignment
+from tracediff.align.aligner import align
+from tracediff.align.alignment import Alignment
 from tracediff.errors import AlignmentError
 
 #: Upstream modules owning parameters that the table links one-to-one (q/k/v are merged into groups).

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tracediff import align_fingerprint as fp
-from tracediff.align_side import _base_side, _same_values
-from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry
+from tracediff.align.side import _base_side, _same_values
+from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry
 
 
 def _fingerprint(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,7 +166,7 @@ def _reference_passthrough(records: list[tuple[int, int, bool, tuple[int, ...], 
 def test_passthrough_matches_the_record_loop() -> None:
     from types import SimpleNamespace
 
-    from tracediff.align_side import _MOMENTS, _passthrough
+    from tracediff.align.side import _MOMENTS, _passthrough
 
     rng = np.random.default_rng(4)
     n, modules = 600, 400

@@ -22,8 +22,8 @@ from tests.conftest import TinyNet
 from tracediff import TraceConfig, attach, open_trace, trace_step
 from tracediff.store.background import BackgroundWriter
 from tracediff.store.format import RECORD_COLUMNS
+from tracediff.store.trace import ModuleTable
 from tracediff.store.writer import StepBatch, TraceWriter
-from tracediff.trace import ModuleTable
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from tracediff.align import align
+from tracediff.align.aligner import align
 from tracediff.bisect import bisect_models
 from tracediff.cli import main as cli_main
 from tracediff.config import TraceConfig
 from tracediff.demo.models import BUGS, DemoConfig, make_inputs, make_port, make_upstream
 from tracediff.diff import diff_traces
-from tracediff.runner import trace_model
-from tracediff.spec import DEFAULT_STATS
+from tracediff.pipeline.runner import trace_model
+from tracediff.pipeline.spec import DEFAULT_STATS
 from tracediff.store.reader import CommittedValues, open_trace
 
 REPO = Path(__file__).resolve().parent.parent

@@ -105,7 +105,7 @@ def test_bench_overhead_counts_the_records_tracediff_writes(tmp_path) -> None:
 
 
 def test_benchmarks_trace_what_run_traces_and_use_only_the_public_api() -> None:
-    from tracediff.spec import DEFAULT_STATS
+    from tracediff.pipeline.spec import DEFAULT_STATS
 
     for script in ("bench_overhead.py", "bench_hook_cost.py"):
         module = _load(script)

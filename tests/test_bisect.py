@@ -12,10 +12,10 @@ from torch import nn
 
 from tracediff.bisect import BisectResult, bisect_models, isolate_models
 from tracediff.bisect.ops import operator_level
-from tracediff.bisect.report import text, to_json
 from tracediff.demo import port_dit, upstream_dit
 from tracediff.demo.convert import PARAM_NAMES_MAPPING
 from tracediff.demo.models import BUGS, make_inputs, make_port, make_upstream
+from tracediff.render.bisect import text, to_json
 
 PARAM_MAP = "tracediff.demo.convert:PARAM_NAMES_MAPPING"
 
@@ -171,7 +171,7 @@ def bisect_tolerance() -> Any:
 
 
 def test_noise_floor_keeps_bf16_round_off_from_being_called_a_bug() -> None:
-    from tracediff.runner import clone_inputs
+    from tracediff.call_context import clone_inputs
 
     bf16 = torch.bfloat16
     upstream = make_upstream(0).to(bf16)

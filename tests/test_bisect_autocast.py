@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tracediff.bisect import BisectResult, bisect_models
-from tracediff.bisect.report import text, to_json
+from tracediff.render.bisect import text, to_json
 
 WIDTH = 16
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from tests.pairs import llama_port, llama_ref
 from tests.pairs.llama import BUGS, PARAM_NAMES_MAPPING, call_reference, make_inputs, make_port, make_reference
-from tracediff.analysis import analyse
 from tracediff.bisect import bisect_models, isolate_models
 from tracediff.bisect.ops import operator_level
 from tracediff.config import TraceConfig
-from tracediff.runner import clone_inputs, trace_model
+from tracediff.pipeline.analyse import analyse
+from tracediff.pipeline.runner import clone_inputs, trace_model
 from tracediff.tolerance import preset
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tracediff.alignment import Alignment, Pair
+from tracediff.align.alignment import Alignment, Pair
 from tracediff.bisect import BisectError, bisect_models, isolate_models
 from tracediff.bisect.metrics import compare
 from tracediff.bisect.ops import best_match

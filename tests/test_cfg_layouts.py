@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from tracediff import TraceConfig, attach, trace_step
-from tracediff.align import align
-from tracediff.analysis import analyse
+from tracediff.align.aligner import align
 from tracediff.diff import DiffResult, diff_traces
+from tracediff.pipeline.analyse import analyse
 from tracediff.store.load import load_trace
 
 T, D, L, STEPS = 6, 16, 5, 3

@@ -17,7 +17,7 @@ from tests.test_preflight import MISSING, TRANSPOSED, broken_port
 from tracediff import TraceConfig
 from tracediff.cli import main
 from tracediff.demo import make_inputs, make_port, make_upstream
-from tracediff.runner import trace_model
+from tracediff.pipeline.runner import trace_model
 
 STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"
 BROKEN_COUNTS = "123 parameters compared: 120 identical, 1 transposed, 1 scaled, 1 missing in port"

@@ -19,12 +19,13 @@ from torch import nn
 
 import tracediff
 from tracediff import TraceConfig
-from tracediff.alignment import Alignment, Pair
+from tracediff.align.alignment import Alignment, Pair
 from tracediff.diff import DEFAULT_FAIL_ON, KINDS, diff_traces
 from tracediff.errors import DiffError
-from tracediff.report import headline, to_html, to_json
+from tracediff.render.html import to_html
+from tracediff.render.report import headline, to_json
+from tracediff.store.trace import Trace
 from tracediff.tolerance import PRESETS, Override, Tolerance, parse_override, preset
-from tracediff.trace import Trace
 
 ALL_STATS = "abs_mean,sum,min,max,mean,std,l2"
 

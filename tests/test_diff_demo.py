@@ -18,10 +18,10 @@ from torch import nn
 
 import tracediff
 from tracediff import TraceConfig
-from tracediff.alignment import Alignment, Pair
+from tracediff.align.alignment import Alignment, Pair
 from tracediff.demo import BUGS, make_inputs, make_port, make_upstream
 from tracediff.diff import diff_traces
-from tracediff.trace import Trace
+from tracediff.store.trace import Trace
 
 STEPS = 2
 MODES = {
@@ -124,7 +124,7 @@ def test_clean_pair_has_no_drift(traces: dict, mode: str) -> None:
 
 
 def test_planted_bug_with_the_real_aligner(traces: dict) -> None:
-    align = pytest.importorskip("tracediff.align").align
+    align = pytest.importorskip("tracediff.align.aligner").align
     upstream, port = traces[("sample", "upstream")], traces[("sample", "ln_eps")]
     result = diff_traces(upstream, port, align(upstream, port))
     assert result.first_drift is not None

@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from tracediff.align_values import broadcast_equivalent
-from tracediff.analysis import analyse
+from tracediff.align.values import broadcast_equivalent
 from tracediff.config import TraceConfig
 from tracediff.diff import _same_layout
-from tracediff.runner import trace_model
+from tracediff.pipeline.analyse import analyse
+from tracediff.pipeline.runner import trace_model
 
 B, T, D = 2, 4, 16
 

@@ -22,7 +22,7 @@ import tracediff
 from tests.conftest import TinyNet
 from tests.test_diff_demo import demo_alignment
 from tracediff import TraceConfig
-from tracediff.alignment import Alignment, Pair
+from tracediff.align.alignment import Alignment, Pair
 from tracediff.demo import BUGS, make_inputs, make_port, make_upstream
 from tracediff.diff import diff_traces
 from tracediff.errors import TraceFormatError

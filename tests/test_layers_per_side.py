@@ -17,7 +17,7 @@ from tracediff.commands.run import demo_spec
 from tracediff.config import check_layers_match
 from tracediff.demo.models import BUGS, make_port
 from tracediff.errors import TraceConfigError
-from tracediff.spec import apply_overrides, spec_from_mapping
+from tracediff.pipeline.spec import apply_overrides, spec_from_mapping
 
 UPSTREAM_BLOCKS = r"^blocks\.\d+$"
 PORT_BLOCKS = r"^transformer_blocks\.\d+$"

@@ -17,7 +17,7 @@ from torch import nn
 
 import tracediff
 from tracediff import TraceConfig, attach, open_trace, trace_step
-from tracediff.align import align
+from tracediff.align.aligner import align
 from tracediff.cli import main
 from tracediff.config import ENV_RANKS, ENV_RANKS_FASTVIDEO
 from tracediff.diff import diff_traces

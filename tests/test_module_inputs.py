@@ -22,13 +22,13 @@ from torch import nn
 
 import tracediff
 from tracediff import TraceConfig
-from tracediff.align import align as align_traces
-from tracediff.alignment import Alignment, Pair
+from tracediff.align.aligner import align as align_traces
+from tracediff.align.alignment import Alignment, Pair
 from tracediff.config import ENV_INPUTS
 from tracediff.diff import caller_of, diff_traces
 from tracediff.errors import TraceConfigError
-from tracediff.report import headline, render_terminal, to_json
-from tracediff.trace import Trace
+from tracediff.render.report import headline, render_terminal, to_json
+from tracediff.store.trace import Trace
 
 STATS = "abs_mean,sum,min,max,l2,sample"
 

@@ -15,12 +15,12 @@ import torch
 
 from tests.printed_numbers import mask_floats, number_after
 from tracediff import TraceConfig
-from tracediff.analysis import analyse
 from tracediff.demo import make_inputs, make_port, make_upstream
 from tracediff.demo.convert import PARAM_NAMES_MAPPING, convert_state_dict
 from tracediff.parity import Settings, diagnose, make_pair
+from tracediff.pipeline.analyse import analyse
+from tracediff.pipeline.runner import trace_model
 from tracediff.preflight import check_models, check_traces
-from tracediff.runner import trace_model
 from tracediff.store.load import load_trace
 
 STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from tracediff import TraceConfig
+from tracediff.pipeline.runner import trace_model
 from tracediff.preflight import PreflightResult, check_models, check_traces
-from tracediff.runner import trace_model
 from tracediff.store.load import load_trace
 
 DIM, SEQ = 16, 6

@@ -27,8 +27,8 @@ from tracediff.demo import make_inputs, make_upstream
 from tracediff.demo.convert import PARAM_NAMES_MAPPING, convert_state_dict
 from tracediff.demo.models import DemoConfig, _port_kwargs
 from tracediff.demo.port_dit import VideoDiTTransformer
+from tracediff.pipeline.runner import trace_model
 from tracediff.preflight import check_models, check_traces
-from tracediff.runner import trace_model
 from tracediff.store.load import load_trace
 
 STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"

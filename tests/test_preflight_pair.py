@@ -22,9 +22,9 @@ from tests.pairs.preflight_pair import (
 )
 from tests.printed_numbers import mask_floats, number_after
 from tracediff import TraceConfig
-from tracediff.analysis import analyse
+from tracediff.pipeline.analyse import analyse
+from tracediff.pipeline.runner import trace_model
 from tracediff.preflight import check_models, check_traces
-from tracediff.runner import trace_model
 from tracediff.store.load import load_trace
 
 STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"

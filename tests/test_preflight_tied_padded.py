@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from tracediff import TraceConfig
-from tracediff.analysis import analyse
+from tracediff.pipeline.analyse import analyse
+from tracediff.pipeline.runner import trace_model
 from tracediff.preflight import PreflightResult, check_models, check_traces
-from tracediff.runner import trace_model
 from tracediff.store.load import load_trace
 
 VOCAB, PADDED, DIM, SEQ = 50, 64, 32, 7

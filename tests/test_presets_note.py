@@ -107,7 +107,7 @@ def test_ran_in_fp32() -> None:
 
 def test_the_note_reaches_the_text_report_the_pytest_plugin_shows(tmp_path) -> None:
     """``Analysis.text()`` (the plugin's failure section, logs) carries the note as the terminal does."""
-    from tracediff.analysis import analyse
+    from tracediff.pipeline.analyse import analyse
 
     out = tmp_path / "traces"
     proc = run_cli("run", "--preset", "dit-aligned", "--out", str(out), "--no-progress", "--steps", "1")

@@ -12,8 +12,8 @@ from rich.console import Console
 from tests.cli_helpers import report_lines, run_cli
 from tracediff.config import TraceConfig
 from tracediff.demo.models import make_inputs, make_upstream
-from tracediff.progress import LiveProgress, PlainProgress, RunProgress
-from tracediff.runner import trace_model
+from tracediff.pipeline.runner import trace_model
+from tracediff.render.progress import LiveProgress, PlainProgress, RunProgress
 
 PHASE_LINE = re.compile(r"^tracediff +\d+\.\d+s  (.*)$")
 
@@ -160,7 +160,7 @@ def test_the_terminal_display_shows_the_counter_against_the_expected_total() -> 
 
 
 def test_terminal_links_the_report(tmp_path: Path) -> None:
-    from tracediff.progress import print_closing
+    from tracediff.render.progress import print_closing
 
     html = tmp_path / "report.html"
     html.write_text("<html></html>")

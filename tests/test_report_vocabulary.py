@@ -19,7 +19,7 @@ from torch import nn
 
 from tests.cli_helpers import run_cli
 from tracediff import TraceConfig, attach
-from tracediff.report import failure_lines
+from tracediff.render.report import failure_lines
 from tracediff.store.load import load_trace
 from tracediff.vocabulary import COLUMNS, LEGEND, TERMINAL_COLUMNS, error_summary, number
 

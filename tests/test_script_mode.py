@@ -16,7 +16,7 @@ import pytest
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tracediff import open_trace
-from tracediff.spec import DEFAULT_STATS
+from tracediff.pipeline.spec import DEFAULT_STATS
 
 SCRIPT = textwrap.dedent(
     """

@@ -12,7 +12,7 @@ import pytest
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tracediff.errors import SpecError
-from tracediff.factory import call_with_supported, check_kwargs
+from tracediff.pipeline.factory import call_with_supported, check_kwargs
 
 
 def make_model(seed: int = 0, depth: int = 2, *, bug: str | None = None) -> dict:

@@ -31,7 +31,7 @@ _EXPORTS = {
     "trace_step": "tracediff.hooks",
     "open_trace": "tracediff.store.reader",
     "merge_traces": "tracediff.merge",
-    "Trace": "tracediff.trace",
+    "Trace": "tracediff.store.trace",
 }
 
 __all__ = [
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from tracediff.hooks import TraceHandle, attach, current_step, trace_step
     from tracediff.merge import merge_traces
     from tracediff.store.reader import open_trace
-    from tracediff.trace import Trace
+    from tracediff.store.trace import Trace
 
 
 def __getattr__(name: str) -> Any:

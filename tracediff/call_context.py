@@ -7,15 +7,21 @@ with nothing, if it takes no argument), it returns that context manager.
 tracediff enters it around every forward it runs: whole-model passes, traced
 passes, and the single-module re-runs of bisection's operator level, which no
 user ``call`` function could wrap.
+
+It also holds the two other things every caller of a model shares: how inputs are passed (:func:`default_call`) and
+each side's private copy of them (:func:`clone_inputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
+
+import torch
 
 ContextFn = Callable[..., AbstractContextManager[Any]]
 CallFn = Callable[[Any, Any], Any]
@@ -61,3 +67,25 @@ def _takes_inputs(fn: Callable[..., Any]) -> bool:
 
 def _name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def default_call(fn: Callable[..., Any], inputs: Any) -> Any:
+    """``fn(**inputs)`` for a mapping, ``fn(*inputs)`` for a list or tuple, else ``fn(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return fn(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return fn(*inputs)
+    return fn(inputs)
+
+
+def clone_inputs(inputs: Any, *, device: str | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A private copy of the inputs for one side: tensors cloned (and moved, floats cast)."""
+    if isinstance(inputs, torch.Tensor):
+        moved = inputs.detach().clone()
+        moved = moved.to(device) if device is not None else moved
+        return moved.to(dtype) if dtype is not None and moved.is_floating_point() else moved
+    if isinstance(inputs, Mapping):
+        return {key: clone_inputs(value, device=device, dtype=dtype) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(clone_inputs(value, device=device, dtype=dtype) for value in inputs)
+    return copy.deepcopy(inputs)

@@ -37,12 +37,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tracediff.align_values import broadcast_equivalent
-from tracediff.alignment import NEVER_CALLED, Alignment, Suspect
+from tracediff.align.alignment import NEVER_CALLED, Alignment, Suspect
+from tracediff.align.values import broadcast_equivalent
 from tracediff.errors import DiffError
 from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE, RECORD_COLUMNS
+from tracediff.store.trace import Trace
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
-from tracediff.trace import Trace
 from tracediff.vocabulary import metric_name, number
 
 FindingKind = Literal[

@@ -40,7 +40,7 @@ import numpy as np
 
 from tracediff.errors import MergeError
 from tracediff.store.format import FULL_F32, FULL_F64, FULL_NONE, MAX_DIMS, RECORD_COLUMNS
-from tracediff.trace import MISMATCH_CHECKS, ModuleTable, ParamEntry, RankLayout, Records, Trace
+from tracediff.store.trace import MISMATCH_CHECKS, ModuleTable, ParamEntry, RankLayout, Records, Trace
 
 __all__ = [
     "DEFAULT_REPLICA_RTOL",
@@ -149,7 +149,7 @@ def merge_traces(
         path: what the merged trace calls its source (default: the ranks' paths).
 
     Returns:
-        A :class:`~tracediff.trace.Trace` whose ``ranks`` describes the merge; nothing to close.
+        A :class:`~tracediff.store.trace.Trace` whose ``ranks`` describes the merge; nothing to close.
 
     Raises:
         MergeError: the traces are not one run's per-rank traces of one side, or a

@@ -16,12 +16,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tracediff.analysis import Analysis, analyse, tolerance_from
-from tracediff.call_context import ContextFn, pick, with_context
+from tracediff.call_context import ContextFn, clone_inputs, default_call, pick, with_context
 from tracediff.config import ENV_LAYERS, ENV_STATS, TraceConfig
 from tracediff.hooks.flatten import iter_tensors
-from tracediff.runner import clone_inputs, default_call, trace_model
-from tracediff.spec import DEFAULT_STATS
+from tracediff.pipeline.analyse import Analysis, analyse, tolerance_from
+from tracediff.pipeline.runner import trace_model
+from tracediff.pipeline.spec import DEFAULT_STATS
 from tracediff.tolerance import Tolerance
 
 Mode = Literal["off", "report", "bisect"]
@@ -134,7 +134,7 @@ def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
                            models=(pair.upstream, pair.port))  # weights compared exactly, not by fingerprint
         diagnosis = Diagnosis(out_dir=out_dir, analysis=analysis)
         if settings.mode == "bisect":
-            from tracediff.bisect.integrate import bisect_pair
+            from tracediff.pipeline.bisect_stage import bisect_pair
 
             diagnosis.bisection = bisect_pair(pair, out_dir, alignment=analysis.alignment)
         return diagnosis

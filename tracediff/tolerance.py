@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 from tracediff.errors import DiffError
 
 if TYPE_CHECKING:  # the diff imports this module; these are for annotations only
-    from tracediff.alignment import Alignment
+    from tracediff.align.alignment import Alignment
     from tracediff.diff import DiffResult
-    from tracediff.trace import Trace
+    from tracediff.store.trace import Trace
 
 _FIELDS = ("atol", "rtol", "stat_rtol", "abs_mean_limit")
 

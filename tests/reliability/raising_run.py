@@ -2,7 +2,7 @@
 
 ``python raising_run.py OUT MODE``: MODE ``attach`` traces with ``attach`` in
 implicit-step mode (no ``trace_step``) into OUT; ``script`` only runs the
-model (the test runs it under ``tracediff.script_tracer``). With ``OK`` as a
+model (the test runs it under ``tracediff.pipeline.script``). With ``OK`` as a
 third argument, call 2 does not raise (the reference run) and the process exits
 normally. Calls 0..5; call 2 raises half-way through the forward.
 """

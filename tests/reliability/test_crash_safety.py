@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tracediff import open_trace
-from tracediff.trace import Trace
+from tracediff.store.trace import Trace
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("traced_run.py")

@@ -35,7 +35,7 @@ def _run(tmp_path: Path, mode: str, name: str, *extra: str) -> tuple[int, Path]:
         out = out.with_suffix(".h5")
         cmd = [sys.executable, str(SCRIPT), str(out), "attach", *extra]
     else:
-        cmd = [sys.executable, "-m", "tracediff.script_tracer", "--side", "port", "--out", str(out), "--",
+        cmd = [sys.executable, "-m", "tracediff.pipeline.script", "--side", "port", "--out", str(out), "--",
                str(SCRIPT), "-", "script", *extra]
         out = out / "port.Flaky.h5"
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracediff.align_mapfile import (
+from tracediff.align.mapfile import (
     TOP_LEVEL_KEYS,
     MappingSpec,
     parse_mapping,

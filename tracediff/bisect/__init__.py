@@ -8,16 +8,14 @@ aligned module tree to the culprit, and traces operators inside it.
 
 Public API:
     bisect_models: the whole drill-down on two live models -> :class:`BisectResult`.
-    bisect_spec: the same from a run spec (``tracediff bisect SPEC.toml``).
     isolate_models: local / accumulated / amplification figures of one level.
-    render_terminal, to_json, headline: reports.
+
+From a run spec: :func:`tracediff.pipeline.bisect.bisect_spec`; reports: :mod:`tracediff.render.bisect`.
 
 See docs/bisection.md.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from tracediff.bisect.drill import BisectError, bisect_models, isolate_models
 from tracediff.bisect.metrics import Metrics
@@ -33,22 +31,5 @@ __all__ = [
     "OpRef",
     "Source",
     "bisect_models",
-    "bisect_spec",
-    "headline",
     "isolate_models",
-    "render_terminal",
-    "to_json",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy: the spec and report layers import rich and the runner, which the API does not need."""
-    if name == "bisect_spec":
-        from tracediff.bisect.spec import bisect_spec
-
-        return bisect_spec
-    if name in ("render_terminal", "to_json", "headline"):
-        from tracediff.bisect import report
-
-        return getattr(report, name)
-    raise AttributeError(f"module 'tracediff.bisect' has no attribute {name!r}")

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from tracediff.alignment import Alignment
+from tracediff.align.alignment import Alignment
 from tracediff.bisect.isolate import (
     Autocast,
     CallFn,
@@ -56,9 +56,8 @@ from tracediff.bisect.tree import (
     to_device_of,
     top_level,
 )
-from tracediff.call_context import ContextFn, enter, pick, with_context
+from tracediff.call_context import ContextFn, clone_inputs, default_call, enter, pick, with_context
 from tracediff.errors import TracediffError
-from tracediff.runner import clone_inputs, default_call
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
 
 #: How an operator-level finding that could not be traced begins its note.
@@ -103,7 +102,7 @@ def bisect_models(
             top level drifts is drilled into.
         step: bisect only this index of ``step_inputs``.
         alignment: which upstream module is which port module; default
-            :func:`tracediff.align.align_models` with ``mapping`` and ``param_map``.
+            :func:`tracediff.align.aligner.align_models` with ``mapping`` and ``param_map``.
         mapping, param_map: passed to the aligner when ``alignment`` is not given.
         tolerance: what local errors are held to (a :class:`Tolerance` or a preset name).
         call: ``call(model, inputs)`` for both sides; ``upstream_call``/``port_call`` per side.
@@ -136,7 +135,7 @@ def bisect_models(
     if step is not None and not 0 <= step < len(all_inputs):
         raise BisectError(f"step {step} is out of range: {len(all_inputs)} step input(s) given")
     if alignment is None:
-        from tracediff.align import align_models
+        from tracediff.align.aligner import align_models
 
         alignment = align_models(upstream, port, mapping=mapping, param_map=param_map)
     session = _Session(
@@ -181,7 +180,7 @@ def isolate_models(
         The :class:`Level` (``depth`` 0, ``culprit`` the first module that adds error).
     """
     if alignment is None:
-        from tracediff.align import align_models
+        from tracediff.align.aligner import align_models
 
         alignment = align_models(upstream, port, mapping=mapping, param_map=param_map)
     session = _Session(

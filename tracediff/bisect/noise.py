@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracediff.runner import clone_inputs
+from tracediff.call_context import clone_inputs
 
 #: A port module drifts when its local error is more than this many times its noise floor. A correct
 #: port sits near 1 (two independent roundings: about 1.4); the demo's bf16 RoPE bug is at 4.6.

@@ -1,6 +1,6 @@
 """What bisection found: per-module local errors, the levels it drilled through, the operator.
 
-Plain data classes; :mod:`tracediff.bisect.report` renders them and every
+Plain data classes; :mod:`tracediff.render.bisect` renders them and every
 decision was made by :mod:`tracediff.bisect.drill`.
 """
 
@@ -268,7 +268,7 @@ class BisectResult:
         return [level.culprit for level in self.path if level.culprit is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        from tracediff.bisect.report import headline
+        from tracediff.render.bisect import headline
 
         return {
             "ok": bool(self),

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tracediff.align import align, alignment_to_dict, coverage, write_mapping
-from tracediff.alignment import Alignment
+from tracediff.align.aligner import align, alignment_to_dict, coverage, write_mapping
+from tracediff.align.alignment import Alignment
 from tracediff.commands import command_parser
 from tracediff.errors import AlignmentError
 from tracediff.store.reader import open_trace

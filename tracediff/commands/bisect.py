@@ -57,8 +57,8 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tracediff.bisect.noise import DEFAULT_NOISE_FACTOR
-    from tracediff.bisect.spec import bisect_spec
     from tracediff.errors import SpecError
+    from tracediff.pipeline.bisect import bisect_spec
 
     if len(args.target) > 1:
         raise SpecError(f"expected one run spec, got {len(args.target)}: {' '.join(args.target)}")
@@ -83,8 +83,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
 
 def print_result(result: Any, *, as_json: bool, stream: Any = None) -> None:
     """Print a bisection result to ``stream`` (stdout): JSON, or the rich terminal report."""
-    from tracediff.bisect.report import dumps, render_terminal
-    from tracediff.report import wide_console
+    from tracediff.render.bisect import dumps, render_terminal
+    from tracediff.render.report import wide_console
 
     stream = stream or sys.stdout
     if as_json:

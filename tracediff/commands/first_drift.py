@@ -15,10 +15,11 @@ from typing import Any
 from tracediff.commands import command_parser
 from tracediff.diff import DEFAULT_FAIL_ON, KINDS, diff_traces
 from tracediff.errors import DiffError
-from tracediff.report import render_terminal, to_json, wide_console, write_html
+from tracediff.render.html import write_html
+from tracediff.render.report import render_terminal, to_json, wide_console
 from tracediff.store.load import is_rank_set, load_trace
+from tracediff.store.trace import Trace
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, parse_override, preset
-from tracediff.trace import Trace
 
 EXIT_OK, EXIT_DRIFT = 0, 1
 
@@ -97,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
     fail_on = _fail_on(args.fail_on)
     if args.step is not None and args.step < 0:
         raise DiffError(f"--step={args.step} must be a step index >= 0")
-    from tracediff.align import align  # the aligner is heavy; import only when a diff runs
+    from tracediff.align.aligner import align  # the aligner is heavy; import only when a diff runs
     from tracediff.commands.align import require_aligned
-    from tracediff.preflight import check_traces, preflight_json, render_preflight
+    from tracediff.preflight import check_traces
+    from tracediff.render.preflight import preflight_json, render_preflight
 
     with _load_sides(args) as (upstream, port):
         alignment = align(upstream, port, mapping=args.map, param_map=args.param_map)
@@ -159,7 +161,7 @@ def _load_ranks(args: argparse.Namespace, name: str, other: Trace | None) -> Tra
     try:
         name_map = None
         if other is not None and not _names_shared(traces[0], other):
-            from tracediff.align import align
+            from tracediff.align.aligner import align
 
             if name == "port":
                 name_map = align(other, traces[0], mapping=args.map, param_map=args.param_map).upstream_for

@@ -15,7 +15,7 @@ import numpy as np
 from tracediff.commands import command_parser
 from tracediff.merge import DEFAULT_REPLICA_RTOL, merge_files
 from tracediff.store.load import rank_trace_paths
-from tracediff.trace import Trace
+from tracediff.store.trace import Trace
 
 EXIT_OK, EXIT_MISMATCH = 0, 1
 #: Rank mismatches listed in the summary; the merged file holds all of them.

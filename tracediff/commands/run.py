@@ -25,11 +25,11 @@ from typing import Any
 
 from tracediff.commands import command_parser
 from tracediff.errors import SpecError
-from tracediff.spec import FIELDS, RunSpec, apply_overrides, load_spec, spec_from_mapping
+from tracediff.pipeline.spec import FIELDS, RunSpec, apply_overrides, load_spec, spec_from_mapping
 
 DEMO_CHOICES = ("clean", "gelu_tanh", "ln_eps", "rope_sign", "residual_scale")
 DEFAULT_OUT_ROOT = Path("tracediff-out")
-#: Script mode's trace settings: the ``[trace]`` spec fields, passed on to ``tracediff.script_tracer``.
+#: Script mode's trace settings: the ``[trace]`` spec fields, passed on to ``tracediff.pipeline.script``.
 SCRIPT_TRACE_FIELDS = ("layers", "stats", "steps", "sample_size", "inputs")
 #: A side name as ``attach`` accepts it (it becomes part of the trace's file name).
 _SIDE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     default_out = args.out is None
     out_dir = _out_dir(args)
-    from tracediff.session import command_words, run_session
+    from tracediff.pipeline.session import command_words, run_session
 
     try:
         code = run_session(spec, out_dir, isolate_sides=args.isolate_sides, as_json=args.json,
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir.rmdir()  # the folder reserved for this run stayed empty: leave no trace of a failed start
         raise
     if args.bisect:
-        from tracediff.bisect.integrate import bisect_after_run
+        from tracediff.pipeline.bisect_stage import bisect_after_run
 
         code = max(code, bisect_after_run(spec, out_dir, as_json=args.json, stream=sys.stdout))
     return code
@@ -165,7 +165,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 def demo_spec(bug: str) -> RunSpec:
     """The bundled demo spec, with the chosen planted bug (or none for ``clean``)."""
-    from tracediff.spec import tomllib
+    from tracediff.pipeline.spec import tomllib
 
     text = resources.files("tracediff.demo").joinpath("demo.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
@@ -196,7 +196,7 @@ def new_out_dir(root: Path = DEFAULT_OUT_ROOT) -> Path:
 
 
 def _parse_pairs(items: list[str], flag: str) -> dict[str, Any]:
-    from tracediff.spec import tomllib
+    from tracediff.pipeline.spec import tomllib
 
     parsed: dict[str, Any] = {}
     for item in items:
@@ -252,7 +252,7 @@ def _run_script(args: argparse.Namespace) -> int:
         path.unlink()
     with tempfile.TemporaryDirectory(prefix="tracediff-script-") as scratch:
         status_file = Path(scratch) / "status.json"
-        tracer = [sys.executable, "-m", "tracediff.script_tracer", "--side", args.side, "--out", str(args.out),
+        tracer = [sys.executable, "-m", "tracediff.pipeline.script", "--side", args.side, "--out", str(args.out),
                   "--status", str(status_file), *settings]
         if args.model_class:
             tracer += ["--model-class", args.model_class]
@@ -309,7 +309,7 @@ def _refuse_outside_script_mode(args: argparse.Namespace) -> None:
 
 
 def _script_trace_settings(args: argparse.Namespace) -> list[str]:
-    """The trace flags for ``tracediff.script_tracer``, validated here so a mistake names the flag given."""
+    """The trace flags for ``tracediff.pipeline.script``, validated here so a mistake names the flag given."""
     from tracediff.config import names_predicate, parse_sample_size, parse_stats, parse_steps
 
     out: list[str] = []

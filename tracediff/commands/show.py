@@ -15,9 +15,9 @@ from rich.text import Text
 
 from tracediff.commands import command_parser
 from tracediff.errors import TraceConfigError
-from tracediff.report import failure_lines, wide_console
+from tracediff.render.report import failure_lines, wide_console
 from tracediff.store.reader import open_trace
-from tracediff.trace import Trace
+from tracediff.store.trace import Trace
 from tracediff.vocabulary import number
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.text import Text
 
-from tracediff.alignment import Alignment
+from tracediff.align.alignment import Alignment
 from tracediff.commands import command_parser
 from tracediff.errors import AlignmentError, TraceFormatError
 from tracediff.store.load import load_trace
@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracediff.align import align
+    from tracediff.align.aligner import align
     from tracediff.commands.align import require_aligned
     from tracediff.preflight import check_traces, has_module_table
 
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 def render(result: Any, *, show_all: bool = False) -> None:
     """Findings table (every parameter with ``show_all``), then the counts and inputs lines."""
-    from tracediff.preflight.render import findings_table
-    from tracediff.report import wide_console
+    from tracediff.render.preflight import findings_table
+    from tracediff.render.report import wide_console
 
     console = wide_console()
     rows = [*result.input_findings]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tracediff.hooks.stats import moments, sample_positions, value_view
-from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry
+from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry
 
 
 def build_module_table(model: nn.Module) -> ModuleTable:

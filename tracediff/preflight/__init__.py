@@ -10,7 +10,8 @@ Public API:
     check_traces: weights (from the module tables' fingerprints, or from live models
         when given) and inputs (the root module's ``input.*`` records) of two traces.
     PreflightResult: truthy when clean; carries every verdict, counts and the likely cause.
-    render_preflight, preflight_json: terminal and JSON views.
+
+Views (terminal and JSON) are in :mod:`tracediff.render.preflight`.
 
 See ``docs/preflight.md``.
 """
@@ -24,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from tracediff.errors import AlignmentError
 from tracediff.preflight.inputs import check_inputs
 from tracediff.preflight.params import ParamSide, pair_params
-from tracediff.preflight.render import likely_cause, preflight_json, render_preflight
 from tracediff.preflight.result import (
     PARAM_STATUSES,
     InputCheck,
@@ -35,8 +35,8 @@ from tracediff.preflight.result import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from tracediff.alignment import Alignment
-    from tracediff.trace import ModuleTable, Trace
+    from tracediff.align.alignment import Alignment
+    from tracediff.store.trace import ModuleTable, Trace
 
 __all__ = [
     "PARAM_STATUSES",
@@ -46,9 +46,6 @@ __all__ = [
     "check_models",
     "check_traces",
     "has_module_table",
-    "likely_cause",
-    "preflight_json",
-    "render_preflight",
 ]
 
 MappingArg = Any  # MappingSpec | Mapping[str, Any] | str | Path | None
@@ -67,7 +64,7 @@ def check_models(
     """Compare every parameter and buffer of two live models, element by element.
 
     A quick check before any forward pass: modules are aligned without running
-    the models (:func:`tracediff.align.align_models`), parameters are paired
+    the models (:func:`tracediff.align.aligner.align_models`), parameters are paired
     through the parameter map when given, else by local name and value inside
     aligned modules, and each pair is compared exactly.
 
@@ -85,8 +82,8 @@ def check_models(
     Raises:
         AlignmentError: the mapping or parameter map is invalid.
     """
-    from tracediff.align import align_sides
-    from tracediff.align_side import side_from_model
+    from tracediff.align.aligner import align_sides
+    from tracediff.align.side import side_from_model
 
     table_map = _param_map(param_map)
     notes: list[str] = []
@@ -137,7 +134,7 @@ def check_traces(
                      "tables hold one rank's shards")
     elif weights_checked:
         if alignment is None:
-            from tracediff.align import align
+            from tracediff.align.aligner import align
 
             alignment = _aligned(lambda pm: align(upstream, port, mapping=mapping, param_map=pm), param_map, notes)
         if models is not None:
@@ -173,7 +170,7 @@ def _unaligned(alignment: Alignment | None, params: list[ParamCheck]) -> frozens
 def _param_map(param_map: ParamMapArg) -> dict[str, Any] | None:
     if param_map is None:
         return None
-    from tracediff.align_parammap import load_param_map, validate_param_map
+    from tracediff.align.parammap import load_param_map, validate_param_map
 
     if isinstance(param_map, Mapping):
         return validate_param_map(param_map, origin="param map")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tracediff.trace import FINGERPRINT_SAMPLE
+from tracediff.store.trace import FINGERPRINT_SAMPLE
 
 #: Relative tolerance when both sides keep the same dtype (reduction order only).
 SAME_DTYPE_RTOL = 1e-6

@@ -18,7 +18,7 @@ import numpy as np
 
 from tracediff.preflight.compare import _moments_close, _moments_delta, _sample_errors, pair_rtol
 from tracediff.preflight.result import InputCheck
-from tracediff.trace import Trace
+from tracediff.store.trace import Trace
 
 #: Moments of the same values summed in another order (another device) differ by about this much.
 _REDUCTION_RTOL = 1e-9

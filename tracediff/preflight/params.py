@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from tracediff.alignment import Alignment
+from tracediff.align.alignment import Alignment
 from tracediff.preflight.compare import (
     Fingerprint,
     Verdict,
@@ -53,7 +53,7 @@ from tracediff.preflight.compare import (
     tensors_close,
 )
 from tracediff.preflight.result import ParamCheck
-from tracediff.trace import ModuleTable
+from tracediff.store.trace import ModuleTable
 
 #: Relative window of sum of squares searched for a tensor holding the same values (fp8 casts included).
 _VALUE_WINDOW = 0.6

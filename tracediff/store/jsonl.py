@@ -1,4 +1,4 @@
-"""Import FastVideo's activation-trace JSONL files as a :class:`~tracediff.trace.Trace`.
+"""Import FastVideo's activation-trace JSONL files as a :class:`~tracediff.store.trace.Trace`.
 
 FastVideo's tracer (``fastvideo/hooks/activation_trace.py``) writes one line per
 output tensor of each traced module call::
@@ -24,7 +24,7 @@ import numpy as np
 
 from tracediff.errors import TraceFormatError
 from tracediff.store.format import FULL_NONE, MAX_DIMS, RECORD_COLUMNS
-from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable, Records, Trace, empty_shape
+from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, Records, Trace, empty_shape
 
 #: Value stats a line may carry (FastVideo's plus tracediff's own numeric ones).
 VALUE_STATS = ("abs_mean", "sum", "min", "max", "mean", "std", "l2", "nan_count", "inf_count")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from tracediff.errors import TraceFormatError
 from tracediff.store.jsonl import read_jsonl
 from tracediff.store.reader import open_trace
-from tracediff.trace import Trace
+from tracediff.store.trace import Trace
 
 if TYPE_CHECKING:
     from tracediff.merge import NameMap, ShardDims

@@ -3,7 +3,7 @@
 A trace written by ``tracediff merge`` is an ordinary v1 trace plus this group
 (documented in docs/trace-format.md and docs/distributed.md). Readers that do
 not know it ignore it; :func:`read_rank_layout` turns it back into a
-:class:`~tracediff.trace.RankLayout`.
+:class:`~tracediff.store.trace.RankLayout`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from tracediff.errors import TraceFormatError
 from tracediff.store.format import FORMAT_VERSION
-from tracediff.trace import RankLayout
+from tracediff.store.trace import RankLayout
 
 RANKS_GROUP = "ranks"
 RANKS_ENCODING = "tracediff-rank-layout"

@@ -19,9 +19,9 @@ from tracediff.errors import TraceFormatError
 from tracediff.store.format import ENCODING_TYPE, FORMAT_VERSION, FULL_F32, FULL_F64, MAX_DIMS, RECORD_COLUMNS
 from tracediff.store.lock import holder
 from tracediff.store.ranks import read_rank_layout
+from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry, Records, Trace
 from tracediff.store.validate import check_records
 from tracediff.store.writer import COMMIT_FIELDS
-from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry, Records, Trace
 
 
 def open_trace(path: str | Path) -> Trace:
@@ -31,7 +31,7 @@ def open_trace(path: str | Path) -> Trace:
         path: the ``.h5`` file one side's recorder wrote.
 
     Returns:
-        A :class:`~tracediff.trace.Trace`; close it (or use ``with``) to release the file.
+        A :class:`~tracediff.store.trace.Trace`; close it (or use ``with``) to release the file.
 
     Raises:
         TraceFormatError: missing, empty, not HDF5, not a trace, damaged, or newer format.

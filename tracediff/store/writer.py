@@ -32,7 +32,7 @@ from tracediff.store.format import (
     SHAPE_COLUMN,
     VALUE_CHUNK,
 )
-from tracediff.trace import FINGERPRINT_SAMPLE, ModuleTable
+from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable
 
 _STR = h5py.string_dtype("utf-8")
 #: Elements per h5py write call when appending values (16 MiB of float64).

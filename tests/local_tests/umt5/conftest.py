@@ -22,8 +22,8 @@ import umt5_models  # noqa: E402
 from bug_table import write_summary  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tracediff.analysis import Analysis  # noqa: E402
 from tracediff.parity import Settings, diagnose, make_pair  # noqa: E402
+from tracediff.pipeline.analyse import Analysis  # noqa: E402
 
 PRESET = "fp32"
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 import umt5_models
 
-from tracediff.align import coverage
+from tracediff.align.aligner import coverage
 from tracediff.store.load import load_trace
 from tracediff.tolerance import preset
 

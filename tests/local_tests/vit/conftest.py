@@ -23,8 +23,8 @@ import vit_models  # noqa: E402
 from torch import nn  # noqa: E402
 from vit_ports import PORTS  # noqa: E402
 
-from tracediff.analysis import Analysis  # noqa: E402
 from tracediff.parity import Settings, diagnose, make_pair  # noqa: E402
+from tracediff.pipeline.analyse import Analysis  # noqa: E402
 
 PRESET = "fp32"
 

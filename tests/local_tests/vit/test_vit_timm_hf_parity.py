@@ -19,7 +19,7 @@ import pytest
 from torch import nn
 from vit_ports import PORTS
 
-from tracediff.align import coverage
+from tracediff.align.aligner import coverage
 from tracediff.store.load import load_trace
 
 PARITY_SCOPE = "whole classifier (patch embedding to logits), same weights, float32"

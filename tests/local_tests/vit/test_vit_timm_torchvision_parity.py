@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 from vit_ports import PORTS
 
-from tracediff.align import coverage
+from tracediff.align.aligner import coverage
 from tracediff.store.load import load_trace
 
 PARITY_SCOPE = "whole classifier (patch embedding to logits), same weights, float32, different attention kernels"

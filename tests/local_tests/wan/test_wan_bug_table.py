@@ -20,8 +20,8 @@ from torch import nn
 from wan_bugs import BUGS, bug
 from wan_table import AUTO, BISECT, JSONL, PARAM_MAP, RANK
 
-from tracediff.analysis import Analysis, analyse
 from tracediff.parity import Settings, diagnose, make_pair
+from tracediff.pipeline.analyse import Analysis, analyse
 
 PARITY_SCOPE = "whole DiT (patch embedding to unpatchify), one step, same weights, float32"
 PRESET = "fp32"

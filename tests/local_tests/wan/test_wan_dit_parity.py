@@ -18,8 +18,8 @@ import torch
 import wan_models
 from torch import nn
 
-from tracediff.analysis import analyse
 from tracediff.parity import Settings, diagnose, make_pair
+from tracediff.pipeline.analyse import analyse
 
 PARITY_SCOPE = "whole DiT (patch embedding to unpatchify), one step, same weights, float32"
 PRESET = "fp32"

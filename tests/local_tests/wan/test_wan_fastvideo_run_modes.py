@@ -16,10 +16,10 @@ import wan_models
 from torch import nn
 
 from tracediff import attach, open_trace, trace_step
-from tracediff.analysis import analyse
 from tracediff.config import TraceConfig
-from tracediff.runner import trace_model
-from tracediff.spec import DEFAULT_STATS
+from tracediff.pipeline.analyse import analyse
+from tracediff.pipeline.runner import trace_model
+from tracediff.pipeline.spec import DEFAULT_STATS
 
 PRESET = "fp32"
 CONFIG = TraceConfig(stats=DEFAULT_STATS, inputs=True)

@@ -113,8 +113,8 @@ def make_port(upstream: nn.Module, *, edit: Callable[[dict[str, torch.Tensor]], 
 def trace_upstream(model: nn.Module, inputs: dict[str, torch.Tensor], output: Path) -> Path:
     """A tracediff trace of the upstream with the statistics ``tracediff run`` records by default."""
     from tracediff.config import TraceConfig
-    from tracediff.runner import trace_model
-    from tracediff.spec import DEFAULT_STATS
+    from tracediff.pipeline.runner import trace_model
+    from tracediff.pipeline.spec import DEFAULT_STATS
 
     trace_model(model, side="upstream", steps=[inputs], output=output, config=TraceConfig(stats=DEFAULT_STATS),
                 call=upstream_call, overwrite=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 import tomllib
 
-from tracediff.alignment import Alignment, Group
+from tracediff.align.alignment import Alignment, Group
 from tracediff.errors import AlignmentError
 
 MAPPING_VERSION = 1

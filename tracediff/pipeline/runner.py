@@ -9,7 +9,6 @@ globals between the upstream and the port codebases).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -18,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracediff.call_context import ContextFn, with_context
+from tracediff.call_context import ContextFn, clone_inputs, default_call, with_context
 from tracediff.config import TraceConfig, check_layers_match
 from tracediff.errors import SpecError, TracediffError, debug_enabled, model_call_message
-from tracediff.factory import call_with_supported, check_kwargs, resolve
 from tracediff.hooks import attach, trace_step
-from tracediff.progress import RunProgress, StepCounter, forward_events
-from tracediff.session import TRACE_FILES  # re-exported: the names of a run's trace files
-from tracediff.spec import SIDES, RunSpec, SideSpec
-from tracediff.weights import find_safetensors, load_into, load_state_dict, resolve_hf
+from tracediff.pipeline.checkpoint import find_safetensors, load_into, load_state_dict, resolve_hf
+from tracediff.pipeline.factory import call_with_supported, check_kwargs, resolve
+from tracediff.pipeline.session import TRACE_FILES  # re-exported: the names of a run's trace files
+from tracediff.pipeline.spec import SIDES, RunSpec, SideSpec
+from tracediff.render.progress import RunProgress, StepCounter, forward_events
 
 
 @dataclass(frozen=True)
@@ -207,7 +206,8 @@ def check_spec_kwargs(spec: RunSpec) -> None:
     ``[port] kwargs`` key should not wait for that.
 
     Raises:
-        SpecError: an unknown key (see :func:`tracediff.factory.check_kwargs`), or a reference that does not resolve.
+        SpecError: an unknown key (see :func:`~tracediff.pipeline.factory.check_kwargs`), or a reference that does
+            not resolve.
     """
     for side in SIDES:
         side_spec = spec.side(side)
@@ -231,19 +231,6 @@ def placement_for(spec: RunSpec, side: SideSpec) -> tuple[str, torch.dtype | Non
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"[{side.name}] device={device!r} but CUDA is not available on this machine; use cpu")
     return device, dtype
-
-
-def clone_inputs(inputs: Any, *, device: str | None = None, dtype: torch.dtype | None = None) -> Any:
-    """A private copy of the inputs for one side: tensors cloned (and moved, floats cast)."""
-    if isinstance(inputs, torch.Tensor):
-        moved = inputs.detach().clone()
-        moved = moved.to(device) if device is not None else moved
-        return moved.to(dtype) if dtype is not None and moved.is_floating_point() else moved
-    if isinstance(inputs, Mapping):
-        return {key: clone_inputs(value, device=device, dtype=dtype) for key, value in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(clone_inputs(value, device=device, dtype=dtype) for value in inputs)
-    return copy.deepcopy(inputs)
 
 
 def caller_for(spec: RunSpec, side: SideSpec, *, in_context: bool = True) -> Callable[[nn.Module, Any], Any]:
@@ -274,15 +261,6 @@ def _plain_caller(spec: RunSpec, side: SideSpec) -> Callable[[nn.Module, Any], A
         return default_call(bound, inputs)
 
     return call_method
-
-
-def default_call(fn: Callable[..., Any], inputs: Any) -> Any:
-    """``fn(**inputs)`` for a mapping, ``fn(*inputs)`` for a list or tuple, else ``fn(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return fn(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return fn(*inputs)
-    return fn(inputs)
 
 
 def _invoke(call: Callable[[nn.Module, Any], Any], model: nn.Module, inputs: Any, *, side: str, step: int) -> Any:
@@ -318,7 +296,8 @@ def _trace_in_subprocess(spec: RunSpec, side: str, out_dir: Path, progress: RunP
     spec_file = out_dir / f".{side}-spec.json"
     spec_file.write_text(spec_to_json(spec))
     result_file = out_dir / f".{side}-result.json"
-    command = [sys.executable, "-m", "tracediff.side_worker", str(spec_file), side, str(out_dir), str(result_file)]
+    command = [sys.executable, "-m", "tracediff.pipeline.side_worker",
+               str(spec_file), side, str(out_dir), str(result_file)]
     if progress:
         progress.phase("start", side)
     with _cleanup(spec_file, result_file):

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from tracediff.errors import SpecError
-from tracediff.progress import RunProgress, next_command, open_progress, print_closing, spec_arguments
-from tracediff.spec import FIELDS, RunSpec
+from tracediff.pipeline.spec import FIELDS, RunSpec
+from tracediff.render.progress import RunProgress, next_command, open_progress, print_closing, spec_arguments
 
 if TYPE_CHECKING:
-    from tracediff.runner import SideResult
+    from tracediff.pipeline.runner import SideResult
 
 #: the trace files of a run (defined here, not in the runner, so this module does not import PyTorch)
 TRACE_FILES = {"upstream": "upstream.h5", "port": "port.h5"}
@@ -54,7 +54,7 @@ def trace_with_progress(spec: RunSpec, out_dir: Path, *, isolate_sides: bool,
                         progress: RunProgress) -> dict[str, SideResult]:
     """Trace both sides, telling ``progress`` each phase, step and record count."""
     progress.phase("import")
-    from tracediff.runner import trace_both
+    from tracediff.pipeline.runner import trace_both
 
     return trace_both(spec, out_dir, isolate_sides=isolate_sides, progress=progress)
 
@@ -78,7 +78,7 @@ def run_session(spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, as
             if created and not any(out_dir.iterdir()):
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
-        from tracediff.analysis import REPORT_HTML, analyse_run
+        from tracediff.pipeline.analyse import REPORT_HTML, analyse_run
 
         def stage(name: str) -> None:
             if name == "done":

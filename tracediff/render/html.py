@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tracediff.diff import DiffResult, LayerRow
-from tracediff.report import context_rows, detail_lines, display_name, headline, table_cells
+from tracediff.render.report import context_rows, detail_lines, display_name, headline, table_cells
 from tracediff.vocabulary import COLUMNS, LEGEND, number
 
 #: Records embedded for the step selector, over all steps (the first drift's step always whole).

@@ -1,9 +1,11 @@
-"""``python -m tracediff.side_worker SPEC.json SIDE OUT RESULT.json [--progress-fd FD]``: one side, one process.
+"""One side of a run in its own process.
+
+``python -m tracediff.pipeline.side_worker SPEC.json SIDE OUT RESULT.json [--progress-fd FD]``.
 
 Used by ``tracediff run --isolate-sides``. Expected failures are printed as
 one ``tracediff-worker:`` line so the parent can pass the message on unchanged.
 With ``--progress-fd``, the side's phases, steps and record counts go to that
-pipe as JSON lines (:class:`tracediff.progress.PipeProgress`), so the parent's
+pipe as JSON lines (:class:`tracediff.render.progress.PipeProgress`), so the parent's
 display moves while this process builds and traces.
 """
 
@@ -15,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from tracediff.errors import TracediffError, debug_enabled
-from tracediff.progress import PipeProgress
+from tracediff.render.progress import PipeProgress
 
 
 def main(argv: list[str]) -> int:
@@ -25,7 +27,7 @@ def main(argv: list[str]) -> int:
         progress = PipeProgress(int(argv[5]))
         argv = argv[:4]
     spec_file, side, out_dir, result_file = argv
-    from tracediff.runner import spec_from_json, trace_side  # imports torch: after the pipe is open
+    from tracediff.pipeline.runner import spec_from_json, trace_side  # imports torch: after the pipe is open
 
     try:
         spec = spec_from_json(Path(spec_file).read_text())

@@ -15,10 +15,12 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
-from tracediff.alignment import Alignment
+from tracediff.align.alignment import Alignment
 from tracediff.diff import DiffResult, diff_traces
-from tracediff.preflight import PreflightResult, check_traces, preflight_json, render_preflight
-from tracediff.report import failure_lines, headline, render_terminal, to_json, wide_console, write_html
+from tracediff.preflight import PreflightResult, check_traces
+from tracediff.render.html import write_html
+from tracediff.render.preflight import preflight_json, render_preflight
+from tracediff.render.report import failure_lines, headline, render_terminal, to_json, wide_console
 from tracediff.store.load import load_trace
 from tracediff.tolerance import DEFAULT_PRESET, Tolerance, fp32_note_for, preset
 
@@ -91,7 +93,7 @@ def analyse(
     Raises:
         TracediffError: unreadable trace, bad mapping, nothing aligned.
     """
-    from tracediff.align import align
+    from tracediff.align.aligner import align
 
     stage = progress or (lambda name: None)
     with load_trace(upstream) as up_trace, load_trace(port) as port_trace:

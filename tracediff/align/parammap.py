@@ -10,7 +10,7 @@ concatenated along dim 0 into one port tensor (separate q/k/v into ``to_qkv``).
 The module owning an upstream parameter pairs with the module owning its
 mapped name. When the links between modules are not one-to-one (a merge, or
 one module's parameters spread over several) the modules form a
-:class:`~tracediff.alignment.Group` instead of a pair.
+:class:`~tracediff.align.alignment.Group` instead of a pair.
 
 A table is written for one module; the module traced may be its child or its
 parent (the table maps bare ``blocks.0...`` names while the port runs as
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracediff.align_mapfile import quoted, read_table_file
-from tracediff.align_side import Side
-from tracediff.alignment import Group
+from tracediff.align.alignment import Group
+from tracediff.align.mapfile import quoted, read_table_file
+from tracediff.align.side import Side
 from tracediff.errors import AlignmentError
 
 ParamMap = dict[str, "str | tuple[str, int, int]"]

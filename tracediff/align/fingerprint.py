@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from tracediff.align_side import Side, parent_name
-from tracediff.trace import FINGERPRINT_SAMPLE
+from tracediff.align.side import Side, parent_name
+from tracediff.store.trace import FINGERPRINT_SAMPLE
 
 #: Relative tolerance when both tensors have the same dtype (reduction order only).
 SAME_DTYPE_RTOL = 1e-6

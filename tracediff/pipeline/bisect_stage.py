@@ -23,7 +23,7 @@ def bisect_pair(pair: Any, out_dir: Path | None = None, *, alignment: Any = None
     the live models' definition order cannot); default: aligned from the live models.
     """
     from tracediff.bisect.drill import bisect_models
-    from tracediff.bisect.report import dumps, text
+    from tracediff.render.bisect import dumps, text
 
     try:
         result = bisect_models(
@@ -45,9 +45,9 @@ def bisect_after_run(spec: Any, out_dir: Path, *, as_json: bool, stream: TextIO)
         0 when nothing adds error, 1 when a culprit or differing outputs were found, 2 when
         the bisection itself could not run (the first-drift report above stands).
     """
-    from tracediff.bisect.report import dumps
-    from tracediff.bisect.spec import bisect_spec
     from tracediff.commands.bisect import print_result
+    from tracediff.pipeline.bisect import bisect_spec
+    from tracediff.render.bisect import dumps
 
     try:
         result = bisect_spec(spec)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tracediff.trace import ModuleTable, Trace
+from tracediff.store.trace import ModuleTable, Trace
 
 if TYPE_CHECKING:  # torch is imported only for live models, never to read traces
     from torch import nn
@@ -42,10 +42,10 @@ class Side:
             record completed just before it (dropout in eval, ``Identity``): they pass a
             tensor on unchanged, so they are no evidence of structure. Empty for live models.
         trace: the trace the side was read from (``None`` for live models): its records are
-            the value evidence of :mod:`tracediff.align_values`.
+            the value evidence of :mod:`tracediff.align.values`.
         outputs, inputs: module index -> record indices of its output / input tensors in its
             first call of the first traced step (empty for live models).
-        ordered_rows, first_dims: caches of :mod:`tracediff.align_fingerprint`, filled as they are asked.
+        ordered_rows, first_dims: caches of :mod:`tracediff.align.fingerprint`, filled as they are asked.
     """
 
     label: str

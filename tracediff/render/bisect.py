@@ -19,7 +19,7 @@ from rich.text import Text
 from tracediff.bisect.metrics import Metrics
 from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding, OpRef
 from tracediff.bisect.tree import join_name
-from tracediff.report import display_name
+from tracediff.render.report import display_name
 from tracediff.vocabulary import number
 
 LEGEND = ("local rel L2 err: ||port - upstream|| / ||upstream|| of the module's output when fed upstream's inputs; "
@@ -70,7 +70,7 @@ def render_terminal(result: BisectResult, console: Console | None = None) -> Non
     """Print the report: headline, path from the root to the culprit, each level's table, the operator."""
     console = console or Console()
     if result.preflight is not None and not result.preflight:
-        from tracediff.preflight import render_preflight
+        from tracediff.render.preflight import render_preflight
 
         render_preflight(result.preflight, console)  # conversion mistakes first: they explain the culprit
         if result.likely_cause:

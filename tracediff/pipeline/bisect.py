@@ -12,7 +12,7 @@ from tracediff.bisect.drill import bisect_models
 from tracediff.bisect.isolate import Transform
 from tracediff.bisect.noise import DEFAULT_NOISE_FACTOR, compute_dtype
 from tracediff.bisect.result import BisectResult
-from tracediff.spec import RunSpec
+from tracediff.pipeline.spec import RunSpec
 from tracediff.tolerance import Tolerance
 
 
@@ -39,10 +39,10 @@ def bisect_spec(
         SpecError: a side cannot be built or called, a step out of range.
         BisectError: nothing aligned.
     """
-    from tracediff.analysis import spec_path, tolerance_from
     from tracediff.errors import SpecError
+    from tracediff.pipeline.analyse import spec_path, tolerance_from
+    from tracediff.pipeline.runner import build_model, caller_for, clone_inputs, context_for, make_inputs, placement_for
     from tracediff.preflight import check_models
-    from tracediff.runner import build_model, caller_for, clone_inputs, context_for, make_inputs, placement_for
 
     if step is not None and not 0 <= step < spec.steps:
         raise SpecError(f"--step {step} is out of range: the spec runs {spec.steps} step(s) (0..{spec.steps - 1})")

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tracediff.align_order import monotone_anchors
-from tracediff.align_side import Side, is_within, parent_name
-from tracediff.alignment import Suspect
+from tracediff.align.alignment import Suspect
+from tracediff.align.order import monotone_anchors
+from tracediff.align.side import Side, is_within, parent_name
 
 #: Relative distance under which two tensors count as the same values (fp32 reduction noise is ~1e-7).
 AGREE = 1e-4

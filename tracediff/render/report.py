@@ -1,4 +1,4 @@
-"""Render a :class:`~tracediff.diff.DiffResult`: rich terminal report and JSON (HTML: :mod:`tracediff.report_html`).
+"""Render a :class:`~tracediff.diff.DiffResult`: rich terminal report and JSON (HTML: :mod:`tracediff.render.html`).
 
 Rendering only reads the result; every decision (what drifts, what is first)
 was made by :mod:`tracediff.diff`. Module names come from user models and are
@@ -410,12 +410,3 @@ def _steps(steps: list[int]) -> str:
         return f"{steps[0]}–{steps[-1]}"
     shown = ", ".join(map(str, steps[:10]))
     return shown + (f", … ({len(steps)} in all)" if len(steps) > 10 else "")
-
-
-def __getattr__(name: str) -> Any:
-    """``to_html``, ``write_html`` and ``svg_chart`` moved to :mod:`tracediff.report_html`; still importable here."""
-    if name in ("to_html", "write_html", "svg_chart"):
-        from tracediff import report_html
-
-        return getattr(report_html, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The result of aligning two traces: which upstream module is which port module.
 
-This is the contract between the aligner (:mod:`tracediff.align`, which builds
+This is the contract between the aligner (:mod:`tracediff.align.aligner`, which builds
 an :class:`Alignment`) and everything downstream (differ, bisection, reports),
 kept in its own small module so neither side reaches into the other.
 """

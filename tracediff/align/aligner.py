@@ -17,7 +17,7 @@ stages left unpaired:
    by equal output shapes, with confidence at most 0.6.
 7. ``values`` (traces only): what each module computed in its first call
    confirms, replaces or drops the pairs of the two weakest stages and pairs
-   modules without weights of different extent (:mod:`tracediff.align_values`);
+   modules without weights of different extent (:mod:`tracediff.align.values`);
    a pair the values contradict and nothing explains is an *alignment suspect*.
 
 Everything works from two trace files alone (the module tables carry the
@@ -36,8 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tracediff.align_fingerprint import FingerprintIndex, FusedShortlist, find_fused
-from tracediff.align_mapfile import (
+from tracediff.align.alignment import NEVER_CALLED, SOURCES, Alignment, Group, Pair, Suspect
+from tracediff.align.fingerprint import FingerprintIndex, FusedShortlist, find_fused
+from tracediff.align.mapfile import (
     MappingSpec,
     ResolvedMapping,
     as_mapping_spec,
@@ -47,9 +48,9 @@ from tracediff.align_mapfile import (
     resolve_mapping,
     write_mapping,
 )
-from tracediff.align_order import OrderedPair, pair_by_order, pair_by_rank
-from tracediff.align_parammap import load_param_map, param_map_links, validate_param_map
-from tracediff.align_side import (
+from tracediff.align.order import OrderedPair, pair_by_order, pair_by_rank
+from tracediff.align.parammap import load_param_map, param_map_links, validate_param_map
+from tracediff.align.side import (
     Side,
     common_ancestor,
     is_within,
@@ -57,9 +58,8 @@ from tracediff.align_side import (
     side_from_model,
     side_from_trace,
 )
-from tracediff.align_values import ValueStage, apply_value_evidence
-from tracediff.alignment import NEVER_CALLED, SOURCES, Alignment, Group, Pair, Suspect
-from tracediff.trace import ModuleTable, Trace
+from tracediff.align.values import ValueStage, apply_value_evidence
+from tracediff.store.trace import ModuleTable, Trace
 
 if TYPE_CHECKING:  # torch is imported only to trace or to align live models, never to read traces
     from torch import nn
@@ -116,7 +116,7 @@ def align(
             :func:`load_param_map` reads).
 
     Returns:
-        The :class:`~tracediff.alignment.Alignment`.
+        The :class:`~tracediff.align.alignment.Alignment`.
 
     Raises:
         AlignmentError: the mapping or parameter map is invalid or does not fit these models.
@@ -150,7 +150,7 @@ def align_sides(
     mapping: MappingSpec | Mapping[str, Any] | str | Path | None = None,
     param_map: Mapping[str, Any] | str | Path | None = None,
 ) -> Alignment:
-    """Run every stage on two prepared sides (see :mod:`tracediff.align_side`)."""
+    """Run every stage on two prepared sides (see :mod:`tracediff.align.side`)."""
     spec = as_mapping_spec(mapping) if mapping is not None else None
     state = _State(upstream, port)
     if ROOT in upstream.index and ROOT in port.index:
@@ -618,7 +618,7 @@ def _own_params(side: Side, module: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _values(state: _State) -> bool:
-    """Let the traced values confirm, replace or drop the weakest pairs (see :mod:`tracediff.align_values`)."""
+    """Let the traced values confirm, replace or drop the weakest pairs (see :mod:`tracediff.align.values`)."""
     stage = ValueStage(
         up=state.up,
         port=state.port,

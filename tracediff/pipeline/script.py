@@ -1,6 +1,6 @@
 """Trace a Python script that knows nothing of tracediff.
 
-``python -m tracediff.script_tracer --side ref --out DIR -- script.py ARGS…``
+``python -m tracediff.pipeline.script --side ref --out DIR -- script.py ARGS…``
 runs the script in this process with a global forward pre-hook. The first time
 a module is called while no other module is running, and it owns parameters,
 it is taken to be one of the script's models: the recorder is attached to it
@@ -29,7 +29,7 @@ from torch import nn
 from tracediff.config import ENV_INPUTS, ENV_STATS, TraceConfig, parse_bool
 from tracediff.errors import TracediffError, debug_enabled, describe_user_error
 from tracediff.hooks import TraceHandle, attach
-from tracediff.spec import DEFAULT_STATS
+from tracediff.pipeline.spec import DEFAULT_STATS
 
 _depth = threading.local()
 
@@ -104,7 +104,7 @@ class ScriptTracer:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the script traced; report how it ended in ``--status`` (for ``tracediff run``) and the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m tracediff.script_tracer")
+    parser = argparse.ArgumentParser(prog="python -m tracediff.pipeline.script")
     parser.add_argument("--side", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--model-class", default=None)
@@ -167,7 +167,7 @@ def script_config(args: argparse.Namespace) -> TraceConfig:
     """The trace settings of ``tracediff run``'s flags; then ``FASTVIDEO_TRACE_*``; then ``run``'s defaults.
 
     Script mode records what every other ``run`` mode records by default (the stats of
-    ``tracediff.spec.DEFAULT_STATS``, module inputs), not FastVideo's two stats.
+    ``tracediff.pipeline.spec.DEFAULT_STATS``, module inputs), not FastVideo's two stats.
     """
     inputs = (parse_bool(args.trace_inputs, source="--trace-inputs") if args.trace_inputs is not None
               else parse_bool(os.environ.get(ENV_INPUTS), source=ENV_INPUTS, default=True))
