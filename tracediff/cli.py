@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from tracediff.errors import ENV_DEBUG, TracediffError, debug_enabled, describe_user_error
+from tracediff.version import __version__
 
 #: Subcommand modules under ``tracediff.commands``, in ``--help`` order.
 COMMANDS = ("run", "first_drift", "weights", "merge", "align", "show", "bisect")
@@ -51,8 +52,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     A run imports only its own command's module: the others pull in numpy, h5py and the analysis
     (``tracediff align`` on 5 000 modules spent a fifth of its time importing what it never used).
     """
-    from tracediff import __version__
-
     parser = _Parser(
         prog="tracediff",
         description="Find the first layer where a model port computes something different from upstream.",

@@ -30,6 +30,7 @@ from tracediff.hooks.steps import current_step, trace_step
 from tracediff.store.lock import TraceLock
 from tracediff.store.output import open_for_writing
 from tracediff.store.writer import TraceWriter
+from tracediff.version import __version__
 
 __all__ = ["TraceHandle", "attach", "current_step", "trace_step"]
 
@@ -294,8 +295,6 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _metadata(model: nn.Module, side: str, config: TraceConfig, rank: int, world: int) -> dict[str, Any]:
-    from tracediff import __version__
-
     params = list(model.parameters())
     devices = sorted({str(p.device) for p in params}) or ["cpu"]
     dtypes = Counter(str(p.dtype).replace("torch.", "") for p in params)
