@@ -168,6 +168,33 @@ def preset(name: str) -> Tolerance:
 FP32_DTYPES = frozenset(("float32", "float64"))
 
 
+def resolve(*, preset_name: str | None = None, atol: float | None = None, rtol: float | None = None,
+            overrides: Iterable[Override] = ()) -> Tolerance:
+    """The one rule set every entry point applies (spec file, ``run``, ``first-drift``, ``bisect``, the plugin).
+
+    A preset by name (the default preset without one), or ``atol`` and ``rtol`` together instead of a preset (the
+    statistics then follow ``rtol``, with no abs-mean limit); per-module overrides on top.
+
+    Raises:
+        ToleranceChoiceError: ``atol`` without ``rtol`` (or the reverse), or a preset and ``atol``/``rtol`` both.
+        DiffError: an unknown preset, or a value that is not a finite number >= 0.
+    """
+    if (atol is None) != (rtol is None):
+        raise ToleranceChoiceError("give atol and rtol together, or a preset")
+    if preset_name is not None and atol is not None:
+        raise ToleranceChoiceError("give either preset or atol/rtol, not both")
+    if atol is not None and rtol is not None:
+        base = Tolerance(atol=atol, rtol=rtol, stat_rtol=rtol)
+    else:
+        base = preset(preset_name or DEFAULT_PRESET)
+    overrides = list(overrides)
+    return base.with_overrides(overrides) if overrides else base
+
+
+class ToleranceChoiceError(DiffError):
+    """A combination of tolerance settings the rule set refuses; callers prefix where it was given."""
+
+
 def looser_than(tolerance: Tolerance, reference: Tolerance) -> bool:
     """Every knob of ``tolerance`` at least ``reference``'s and one of them larger (overrides ignored)."""
     mine = (tolerance.atol, tolerance.rtol, tolerance.stat_limit)
