@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from tracediff import align_fingerprint as fp
+from tracediff.align import fingerprint as fp
 from tracediff.align.side import _base_side, _same_values
 from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry
 
