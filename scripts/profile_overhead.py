@@ -37,7 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_overhead as bench  # noqa: E402
 
 from tracediff import TraceConfig, attach, trace_step  # noqa: E402
-from tracediff.hooks import fused, stats  # noqa: E402
+from tracediff.hooks import (  # noqa: E402
+    fused,
+    staging,  # noqa: E402
+    stats,
+)
 from tracediff.hooks import recorder as recorder_module  # noqa: E402
 
 
@@ -223,7 +227,7 @@ def experiments(model, inputs, bargs, folder: Path, modes: dict) -> list[str]:
 
     # When does the writer thread work, and for how long, relative to the forward?
     log: list[tuple[str, float, float]] = []
-    real_finish = recorder_module._Staged.finish
+    real_finish = staging.Staged.finish
 
     def timed_finish(self):
         t = time.perf_counter()
@@ -236,7 +240,7 @@ def experiments(model, inputs, bargs, folder: Path, modes: dict) -> list[str]:
         real_write(self, step, batch)
         log.append(("write_step", t, time.perf_counter()))
 
-    recorder_module._Staged.finish, writer_module.TraceWriter.write_step = timed_finish, timed_write
+    staging.Staged.finish, writer_module.TraceWriter.write_step = timed_finish, timed_write
     try:
         for mode in ("blocks", "all", "all+sample"):
             log.clear()
@@ -255,7 +259,7 @@ def experiments(model, inputs, bargs, folder: Path, modes: dict) -> list[str]:
                          f"{', '.join(f'+{(s - t0) * 1e3:.0f}' for s in starts)} ms; {events} ms")
             print(lines[-1], flush=True)
     finally:
-        recorder_module._Staged.finish, writer_module.TraceWriter.write_step = real_finish, real_write
+        staging.Staged.finish, writer_module.TraceWriter.write_step = real_finish, real_write
 
     # Host cost of one launch.
     if bargs.device.startswith("cuda"):

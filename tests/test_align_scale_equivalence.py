@@ -14,6 +14,7 @@ import pytest
 
 from tracediff.align import fingerprint as fp
 from tracediff.align.side import _base_side, _same_values
+from tracediff.moments import ABS_SUM, MAX, MIN, SUM, SUMSQ, moments_close, moments_may_be_close, sample_positions
 from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry
 
 
@@ -26,8 +27,8 @@ def _fingerprint(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
         np.isnan(flat).sum(), np.isinf(flat).sum(),
     ])
     if np.isnan(flat).any():
-        moments[fp._SQ] = math.nan
-    positions = fp._sample_positions(flat.size, FINGERPRINT_SAMPLE)
+        moments[SUMSQ] = math.nan
+    positions = sample_positions(flat.size, FINGERPRINT_SAMPLE)
     sample = np.full(FINGERPRINT_SAMPLE, np.nan)
     sample[: len(positions)] = flat[positions]
     sample_t = np.full(FINGERPRINT_SAMPLE, np.nan)
@@ -92,10 +93,10 @@ def _reference_candidates(side, row: int, other) -> list[int]:  # noqa: ANN001
         return []
     rows = np.asarray(groups[numel])
     moments = other.table.param_moments[rows]
-    order = np.argsort(moments[:, fp._SQ], kind="stable")
-    keys, rows, moments = moments[order, fp._SQ], rows[order], moments[order]
+    order = np.argsort(moments[:, SUMSQ], kind="stable")
+    keys, rows, moments = moments[order, SUMSQ], rows[order], moments[order]
     mine = side.table.param_moments[row]
-    sumsq = float(mine[fp._SQ])
+    sumsq = float(mine[SUMSQ])
     if math.isnan(sumsq):
         window = np.flatnonzero(np.isnan(keys))
     else:
@@ -103,17 +104,17 @@ def _reference_candidates(side, row: int, other) -> list[int]:  # noqa: ANN001
         low = int(np.searchsorted(keys, sumsq - slack, side="left"))
         high = int(np.searchsorted(keys, sumsq + slack, side="right"))
         near = moments[low:high]
-        scale = 2 * fp.CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, fp._ABS]), abs(mine[fp._ABS])) + 1e-30
+        scale = 2 * fp.CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, ABS_SUM]), abs(mine[ABS_SUM])) + 1e-30
         extent = 2 * fp.CROSS_DTYPE_RTOL * np.maximum(
-            np.abs(near[:, [fp._MIN, fp._MAX]]).max(axis=1), abs(mine[fp._MAX])) + 1e-30
+            np.abs(near[:, [MIN, MAX]]).max(axis=1), abs(mine[MAX])) + 1e-30
         with np.errstate(invalid="ignore"):
             keep = (
-                (np.abs(near[:, fp._ABS] - mine[fp._ABS]) <= scale)
-                & (np.abs(near[:, fp._SUM] - mine[fp._SUM]) <= scale)
-                & ((np.abs(near[:, fp._MIN] - mine[fp._MIN]) <= extent)
-                   | (np.isnan(near[:, fp._MIN]) & np.isnan(mine[fp._MIN])))
-                & ((np.abs(near[:, fp._MAX] - mine[fp._MAX]) <= extent)
-                   | (np.isnan(near[:, fp._MAX]) & np.isnan(mine[fp._MAX])))
+                (np.abs(near[:, ABS_SUM] - mine[ABS_SUM]) <= scale)
+                & (np.abs(near[:, SUM] - mine[SUM]) <= scale)
+                & ((np.abs(near[:, MIN] - mine[MIN]) <= extent)
+                   | (np.isnan(near[:, MIN]) & np.isnan(mine[MIN])))
+                & ((np.abs(near[:, MAX] - mine[MAX]) <= extent)
+                   | (np.isnan(near[:, MAX]) & np.isnan(mine[MAX])))
             )
         window = low + np.flatnonzero(keep)
     return sorted(int(rows[k]) for k in window if fp._param_match(side, row, other, int(rows[k])) is not None)
@@ -139,8 +140,8 @@ def test_moments_close_extent_is_nanmax() -> None:
         a[rng.integers(0, 7)] = rng.choice([np.nan, np.inf, 1.0])
         b[:] = a * (1 + rng.choice([0, 1e-7, 1e-3]))
         for rtol in (fp.SAME_DTYPE_RTOL, fp.CROSS_DTYPE_RTOL):
-            may = fp._moments_may_be_close(a, b[None, :], np.array([rtol]))[0]
-            exact = fp._moments_close(a, b, rtol)
+            may = moments_may_be_close(a, b[None, :], np.array([rtol]))[0]
+            exact = moments_close(a, b, rtol)
             assert may or not exact
 
 

@@ -12,8 +12,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tracediff.errors import TraceConfigError
+from tracediff.moments import DERIVED_STATS
 
 ENV_ACTIVATIONS = "FASTVIDEO_TRACE_ACTIVATIONS"
 ENV_LAYERS = "FASTVIDEO_TRACE_LAYERS"
@@ -36,8 +38,6 @@ FASTVIDEO_DEFAULT_STATS = ("abs_mean", "sum")
 #: tracediff's additions: norms, non-finite counts, and element-level captures.
 EXTRA_STATS = ("l2", "nan_count", "inf_count", "sample", "full")
 KNOWN_STATS = FASTVIDEO_STATS + EXTRA_STATS
-#: Stats that need the on-device moment reduction (the rest is metadata or copies).
-MOMENT_STATS = frozenset(("abs_mean", "sum", "min", "max", "mean", "std", "l2", "nan_count", "inf_count"))
 
 DEFAULT_OUTPUT = "tracediff-trace-<side>-<pid>.h5"
 DEFAULT_SAMPLE_SIZE = 256
@@ -159,11 +159,11 @@ def parse_steps(
     if value is None:
         return None
     if not isinstance(value, str):
-        steps = list(value)
-        bad = [s for s in steps if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+        listed = list(value)
+        bad = [s for s in listed if not isinstance(s, int) or isinstance(s, bool) or s < 0]
         if bad:
-            raise TraceConfigError(f"{source}={steps!r} contains {bad[0]!r}; {what}s are integers >= 0")
-        return frozenset(steps) if steps else None
+            raise TraceConfigError(f"{source}={listed!r} contains {bad[0]!r}; {what}s are integers >= 0")
+        return frozenset(listed) if listed else None
     if not value.strip():
         return None
     steps: set[int] = set()
@@ -281,7 +281,7 @@ class TraceConfig:
             TraceConfigError: naming the variable, its value and what is valid.
         """
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {
+        values: dict[str, Any] = {
             "enabled": parse_bool(env.get(ENV_ACTIVATIONS)),
             "layers": env.get(ENV_LAYERS) or None,
             "stats": parse_stats(env.get(ENV_STATS)),
@@ -299,11 +299,11 @@ class TraceConfig:
         if overrides.get("layers") is not None:
             values["layers_source"] = "layers"
         values.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
     @property
     def needs_moments(self) -> bool:
-        return any(stat in MOMENT_STATS for stat in self.stats)
+        return any(stat in DERIVED_STATS for stat in self.stats)
 
     @property
     def layers_description(self) -> str:
@@ -334,5 +334,5 @@ def _ranks_from_env(env: Mapping[str, str]) -> tuple[str, frozenset[int] | None]
     return ENV_RANKS, None
 
 
-def _show(value: object) -> str:
-    return repr(value if isinstance(value, str) else ",".join(map(str, value)))  # type: ignore[arg-type]
+def _show(value: str | Iterable[object]) -> str:
+    return repr(value if isinstance(value, str) else ",".join(map(str, value)))

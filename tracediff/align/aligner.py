@@ -50,15 +50,9 @@ from tracediff.align.mapfile import (
 )
 from tracediff.align.order import OrderedPair, pair_by_order, pair_by_rank
 from tracediff.align.parammap import load_param_map, param_map_links, validate_param_map
-from tracediff.align.side import (
-    Side,
-    common_ancestor,
-    is_within,
-    parent_name,
-    side_from_model,
-    side_from_trace,
-)
+from tracediff.align.side import Side, side_from_model, side_from_trace
 from tracediff.align.values import ValueStage, apply_value_evidence
+from tracediff.modtree import ROOT, ancestors, common_ancestor, is_within, local_name, parent
 from tracediff.store.trace import ModuleTable, Trace
 
 if TYPE_CHECKING:  # torch is imported only to trace or to align live models, never to read traces
@@ -95,7 +89,6 @@ CONFIDENCE = {
 VALUES_AGREE = "values agree"
 #: Notes of pairs whose evidence is order, shape or children only: value evidence may overrule them.
 CONTAINER_NOTE = "paired through the modules inside it"
-ROOT = ""
 
 
 def align(
@@ -335,19 +328,18 @@ def _uncross(state: _State) -> None:
     later, in code that did nothing wrong.
     """
     up, port = state.up, state.port
-    local = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
     by_place: dict[tuple[str, str, str], int] = {}
     for u, pair in state.pairs.items():
         if pair.source == "fingerprint" and pair.upstream and pair.port:
-            by_place[(parent_name(pair.upstream), parent_name(pair.port), local(pair.upstream))] = u
+            by_place[(parent(pair.upstream), parent(pair.port), local_name(pair.upstream))] = u
     for u1, pair in list(state.pairs.items()):
         if pair.source != "fingerprint" or not pair.upstream or not pair.port:
             continue
-        u_local, p_local = local(pair.upstream), local(pair.port)
+        u_local, p_local = local_name(pair.upstream), local_name(pair.port)
         if u_local == p_local:
             continue
-        u2 = by_place.get((parent_name(pair.upstream), parent_name(pair.port), p_local))
-        if u2 is None or u2 == u1 or u2 not in state.pairs or local(state.pairs[u2].port) != u_local:
+        u2 = by_place.get((parent(pair.upstream), parent(pair.port), p_local))
+        if u2 is None or u2 == u1 or u2 not in state.pairs or local_name(state.pairs[u2].port) != u_local:
             continue
         p1, p2 = state.up_partner[u1], state.up_partner[u2]
         if up.param_shapes(u1) != up.param_shapes(u2) or port.param_shapes(p1) != port.param_shapes(p2):
@@ -378,7 +370,7 @@ def _fused(state: _State, index: FingerprintIndex) -> None:
         )
 
     # Positions and the available parts are computed once per direction and kept up to date as
-    # groups form: recomputing them for every candidate was quadratic (7 s at 5 000 modules).
+    # groups form: recomputing them for every candidate is quadratic in the model's size.
     positions = {id(up): _positions(up), id(port): _positions(port)}
     for fused_side, parts_side, fused_free, parts_free, upstream_is_fused in (
         (port, up, unexplained_port, unexplained_up, False),
@@ -423,11 +415,11 @@ def _check_fused_order(
     ran_in = sorted(parts, key=lambda m: (order[m], m))
     if ran_in == parts:
         return
-    stacked = ", ".join(parts_side.names[m].rsplit(".", 1)[-1] for m in parts)
-    runs = ", ".join(parts_side.names[m].rsplit(".", 1)[-1] for m in ran_in)
+    stacked = ", ".join(local_name(parts_side.names[m]) for m in parts)
+    runs = ", ".join(local_name(parts_side.names[m]) for m in ran_in)
     port_is_fused = fused_side is state.port
-    up_name = parent_name(parts_side.names[parts[0]]) if port_is_fused else fused_side.names[fused]
-    port_name = fused_side.names[fused] if port_is_fused else parent_name(parts_side.names[parts[0]])
+    up_name = parent(parts_side.names[parts[0]]) if port_is_fused else fused_side.names[fused]
+    port_name = fused_side.names[fused] if port_is_fused else parent(parts_side.names[parts[0]])
     reason = (f"{fused_side.names[fused]} holds its parts stacked as cat({stacked}), but they run as ({runs}): "
               "pieces swapped in conversion?")
     ups, ports = ([parts_side.names[m] for m in parts], [fused_side.names[fused]]) if port_is_fused else (
@@ -500,7 +492,7 @@ def _scope(state: _State, module: int, *, upstream: bool) -> int | None:
     side = state.up if upstream else state.port
     name = side.names[module]
     while name != ROOT:
-        name = parent_name(name)
+        name = parent(name)
         ancestor = side.index.get(name)
         if ancestor is None:
             continue
@@ -554,15 +546,15 @@ def _pair_enclosing(state: _State, up_module: int, port_module: int, source: str
         (up, up_module, port_sig, state.free_up),
         (port, port_module, up_sig, state.free_port),
     ):
-        parent = side.index.get(parent_name(side.names[module]))
+        enclosing = side.index.get(parent(side.names[module]))
         if (
-            parent is not None
-            and side.names[parent] != ROOT
-            and is_free(parent)
-            and not side.owns_params(parent)
-            and side.signature.get(parent) == target
+            enclosing is not None
+            and side.names[enclosing] != ROOT
+            and is_free(enclosing)
+            and not side.owns_params(enclosing)
+            and side.signature.get(enclosing) == target
         ):
-            found.append((parent, port_module) if side is up else (up_module, parent))
+            found.append((enclosing, port_module) if side is up else (up_module, enclosing))
     if len(found) != 1:
         return False
     u, p = found[0]
@@ -718,26 +710,20 @@ def _container_candidate(
     candidate = common_ancestor(targets, other.index)
     container = side.short_class(side.index[name]) in NEVER_CALLED  # a ModuleList may pair with a ModuleList
     while not container and candidate != ROOT and other.short_class(other.index[candidate]) in NEVER_CALLED:
-        candidate = parent_name(candidate)  # a ModuleList is never called: the module that calls its items is
+        candidate = parent(candidate)  # a ModuleList is never called: the module that calls its items is
         if candidate not in other.index:
             return None
     if not is_free(other.index[candidate]):
         if candidate == ROOT:
             return None
-        candidate = parent_name(candidate)
+        candidate = parent(candidate)
         if candidate not in other.index or not is_free(other.index[candidate]):
             return None
     return other.index[candidate]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _ancestors(name: str) -> tuple[str, ...]:
-    """Dotted ancestors of a module name, nearest first, without the root (remembered: asked every round)."""
-    out = []
-    while name:
-        name = parent_name(name)
-        out.append(name)
-    return tuple(out[:-1] if out and out[-1] == ROOT else out)
+#: :func:`tracediff.modtree.ancestors`, remembered: every round asks again for the same names.
+_ancestors = functools.lru_cache(maxsize=1 << 16)(ancestors)
 
 
 # -- structure --------------------------------------------------------------------
@@ -839,8 +825,8 @@ def _structure_round(state: _State, *, hold_back: bool) -> None:
 def _children(side: Side) -> list[list[int]]:
     children: list[list[int]] = [[] for _ in side.names]
     for module, name in enumerate(side.names):
-        if name != ROOT and parent_name(name) in side.index:
-            children[side.index[parent_name(name)]].append(module)
+        if name != ROOT and parent(name) in side.index:
+            children[side.index[parent(name)]].append(module)
     return children
 
 
@@ -855,8 +841,8 @@ def _anchors(state: _State, use_exec: bool, *, within: tuple[str, str] | None = 
     def inside(ups: list[int], ports: list[int]) -> bool:
         if within is None:
             return True
-        return all(is_within(up.names[u], within[0]) for u in ups) and all(
-            is_within(port.names[p], within[1]) for p in ports
+        return all(is_within(up.names[u], within[0], strict=False) for u in ups) and all(
+            is_within(port.names[p], within[1], strict=False) for p in ports
         )
 
     points = []

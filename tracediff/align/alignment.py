@@ -104,12 +104,6 @@ class Alignment:
     def upstream_for(self, port: str) -> str | None:
         return self._by_port().get(port)
 
-    def pair_for_port(self, port: str) -> Pair | None:
-        for pair in self.pairs:
-            if pair.port == port:
-                return pair
-        return None
-
     def _by_upstream(self) -> dict[str, str]:
         return {pair.upstream: pair.port for pair in self.pairs}
 

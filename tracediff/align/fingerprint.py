@@ -27,7 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from tracediff.align.side import Side, parent_name
+from tracediff.align.side import Side
+from tracediff.modtree import parent
+from tracediff.moments import (
+    ABS_SUM,
+    MAX,
+    MIN,
+    SUM,
+    SUMSQ,
+    moments_close,
+    moments_may_be_close,
+    sample_positions,
+    stack_moments,
+)
 from tracediff.store.trace import FINGERPRINT_SAMPLE
 
 #: Relative tolerance when both tensors have the same dtype (reduction order only).
@@ -36,8 +48,6 @@ SAME_DTYPE_RTOL = 1e-6
 CROSS_DTYPE_RTOL = 1e-2
 #: Largest number of parts tried for a fused module (q/k/v, gate/up, ...).
 MAX_FUSED_PARTS = 4
-
-_SUM, _ABS, _SQ, _MIN, _MAX, _NAN, _INF = range(7)
 
 
 @dataclass(frozen=True)
@@ -99,14 +109,6 @@ class FingerprintIndex:
                 found[owner] = how
         return found
 
-    def _match(self, i: int, j: int) -> tuple[bool, str] | None:
-        """:func:`_param_match` of upstream row ``i`` and port row ``j``, remembered."""
-        key = (i, j)
-        if key not in self._matches:
-            self._matches[key] = _param_match(self.upstream, i, self.port, j)
-        return self._matches[key]
-
-
 
 def find_fused(
     fused_side: Side,
@@ -135,14 +137,14 @@ def find_fused(
     rows = _ordered_rows(fused_side, fused)
     if not rows:
         return None
-    target = [_moments(fused_side, row) for row in rows]
+    target = [fused_side.table.param_moments[row] for row in rows]
     shapes = [fused_side.table.params[row].shape for row in rows]
     if any(len(shape) == 0 for shape in shapes):
         return None
     by_parent: dict[str, list[int]] = defaultdict(list)
     for module in sorted(available):
         if checked:
-            by_parent[parent_name(parts_side.names[module])].append(module)
+            by_parent[parent(parts_side.names[module])].append(module)
             continue
         part_rows = _ordered_rows(parts_side, module)
         if len(part_rows) != len(rows):
@@ -150,9 +152,9 @@ def find_fused(
         part_shapes = [parts_side.table.params[row].shape for row in part_rows]
         if not all(_could_be_part(s, t) for s, t in zip(part_shapes, shapes, strict=True)):
             continue
-        if not all(_within(_moments(parts_side, r), m) for r, m in zip(part_rows, target, strict=True)):
+        if not all(_within(parts_side.table.param_moments[r], m) for r, m in zip(part_rows, target, strict=True)):
             continue
-        by_parent[parent_name(parts_side.names[module])].append(module)
+        by_parent[parent(parts_side.names[module])].append(module)
     fits: list[tuple[int, ...]] = []
     whole = tuple(shape[0] for shape in shapes)
     for siblings in by_parent.values():
@@ -174,7 +176,7 @@ class FusedShortlist:
     """The modules of one side that may be parts of a given fused module, found without visiting them all.
 
     :func:`find_fused` tests every available module (row count, shapes, moments);
-    at 5 000 modules that loop, once per fused module, was quadratic. The modules
+    that loop, once per fused module, is quadratic in the model's size. The modules
     are indexed once by their shape signature, and :func:`_could_be_part` and
     :func:`_within` are evaluated as arrays, with the same float64 operations, so
     the shortlist is exactly the modules that pass them (``find_fused(checked=True)``).
@@ -208,15 +210,15 @@ class FusedShortlist:
         modules, firsts, moments = entry
         whole = np.asarray([shape[0] for shape in shapes], dtype=np.int64)
         target = fused_side.table.param_moments[np.asarray(rows, dtype=np.int64)]
-        slack = CROSS_DTYPE_RTOL * (np.abs(target[:, _ABS]) + 1e-30)
-        extent = CROSS_DTYPE_RTOL * np.asarray([float(np.nanmax(np.abs([w[_MIN], w[_MAX], 0.0]))) for w in target])
+        slack = CROSS_DTYPE_RTOL * (np.abs(target[:, ABS_SUM]) + 1e-30)
+        extent = CROSS_DTYPE_RTOL * np.asarray([float(np.nanmax(np.abs([w[MIN], w[MAX], 0.0]))) for w in target])
 
         with np.errstate(invalid="ignore", over="ignore"):
             ok = np.all((firsts > 0) & (firsts < whole), axis=1)
-            ok &= np.all(moments[:, :, _ABS] <= target[:, _ABS] + slack, axis=1)
-            ok &= np.all(moments[:, :, _SQ] <= target[:, _SQ] * (1 + 2 * CROSS_DTYPE_RTOL) + 1e-30, axis=1)
-            ok &= np.all(moments[:, :, _MIN] >= target[:, _MIN] - extent, axis=1)
-            ok &= np.all(moments[:, :, _MAX] <= target[:, _MAX] + extent, axis=1)
+            ok &= np.all(moments[:, :, ABS_SUM] <= target[:, ABS_SUM] + slack, axis=1)
+            ok &= np.all(moments[:, :, SUMSQ] <= target[:, SUMSQ] * (1 + 2 * CROSS_DTYPE_RTOL) + 1e-30, axis=1)
+            ok &= np.all(moments[:, :, MIN] >= target[:, MIN] - extent, axis=1)
+            ok &= np.all(moments[:, :, MAX] <= target[:, MAX] + extent, axis=1)
         return set(modules[ok].tolist()) & available
 
 
@@ -250,8 +252,9 @@ def _index_by_numel(side: Side, skip: set[int]) -> dict[int, dict[str, _Bucket]]
         index[numel] = {}
         for dtype, rows in by_dtype.items():
             moments = side.table.param_moments[np.asarray(rows, dtype=np.int64)]
-            order = np.argsort(moments[:, _SQ], kind="stable")
-            index[numel][dtype] = (moments[order, _SQ].copy(), np.asarray(rows, dtype=np.int64)[order], moments[order])
+            order = np.argsort(moments[:, SUMSQ], kind="stable")
+            ordered_rows = np.asarray(rows, dtype=np.int64)[order]
+            index[numel][dtype] = (moments[order, SUMSQ].copy(), ordered_rows, moments[order])
     return index
 
 
@@ -259,9 +262,9 @@ def _screened_candidates(side: Side, rows: list[int], by_numel: dict[int, dict[s
     """For each of ``rows``, the other side's rows that may hold its values, all rows of a size at once.
 
     Same-sized rows whose sum of squares lies within the window, that pass the
-    screen on |sum|, sum and extrema, and may pass :func:`_moments_close`; the
+    screen on |sum|, sum and extrema, and may pass :func:`~tracediff.moments.moments_close`; the
     caller runs the exact :func:`_param_match` on these few. Done row by row,
-    the array operations' overhead was most of the fingerprint stage at 5 000 modules.
+    the array operations' fixed cost would dominate the fingerprint stage on large models.
     """
     found: list[list[np.ndarray]] = [[] for _ in rows]
     by_size: dict[tuple[int, str], list[int]] = defaultdict(list)
@@ -273,7 +276,7 @@ def _screened_candidates(side: Side, rows: list[int], by_numel: dict[int, dict[s
         for other_dtype, (keys, others, moments) in by_numel.get(numel, {}).items():
             rtol = SAME_DTYPE_RTOL if other_dtype == dtype else CROSS_DTYPE_RTOL
             owner, window = _windows(mine, keys, moments, rtol)
-            kept = _moments_may_be_close(mine[owner], moments[window], np.full(len(window), rtol))
+            kept = moments_may_be_close(mine[owner], moments[window], np.full(len(window), rtol))
             owner, window = owner[kept], window[kept]
             bounds = np.searchsorted(owner, np.arange(len(ks) + 1))
             for i, k in enumerate(ks):
@@ -288,12 +291,12 @@ def _windows(mine: np.ndarray, keys: np.ndarray, moments: np.ndarray, rtol: floa
     ``sumsq ± 2 % (+1e-30)`` of the sorted keys, screened on |sum|, sum and extrema.
     Pairs come sorted by row of ``mine``, then by key.
 
-    Only pairs that may pass :func:`_moments_close` at ``rtol`` matter, and it bounds
+    Only pairs that may pass :func:`~tracediff.moments.moments_close` at ``rtol`` matter, and it bounds
     the sums of squares too: ``|a - b| <= 2 rtol max(|a|, |b|)`` implies
     ``|a - b| <= 2 rtol |a| / (1 - 2 rtol)``; a finite sum of squares' window is cut to
     that (widened by 3 %), which at 1e-6 (same dtype) leaves a handful of rows, not all of them.
     """
-    sumsq = mine[:, _SQ]
+    sumsq = mine[:, SUMSQ]
     nan = np.isnan(sumsq)
     slack = 2 * CROSS_DTYPE_RTOL * np.abs(sumsq) + 1e-30
     low = np.searchsorted(keys, sumsq - slack, side="left")
@@ -308,14 +311,14 @@ def _windows(mine: np.ndarray, keys: np.ndarray, moments: np.ndarray, rtol: floa
     starts = np.cumsum(counts) - counts
     index = np.repeat(low, counts) + (np.arange(int(counts.sum())) - np.repeat(starts, counts))
     near, m = moments[index], mine[owner]
-    scale = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, _ABS]), np.abs(m[:, _ABS])) + 1e-30
-    extent = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, [_MIN, _MAX]]).max(axis=1), np.abs(m[:, _MAX])) + 1e-30
+    scale = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, ABS_SUM]), np.abs(m[:, ABS_SUM])) + 1e-30
+    extent = 2 * CROSS_DTYPE_RTOL * np.maximum(np.abs(near[:, [MIN, MAX]]).max(axis=1), np.abs(m[:, MAX])) + 1e-30
     with np.errstate(invalid="ignore"):
         keep = (
-            (np.abs(near[:, _ABS] - m[:, _ABS]) <= scale)
-            & (np.abs(near[:, _SUM] - m[:, _SUM]) <= scale)
-            & ((np.abs(near[:, _MIN] - m[:, _MIN]) <= extent) | (np.isnan(near[:, _MIN]) & np.isnan(m[:, _MIN])))
-            & ((np.abs(near[:, _MAX] - m[:, _MAX]) <= extent) | (np.isnan(near[:, _MAX]) & np.isnan(m[:, _MAX])))
+            (np.abs(near[:, ABS_SUM] - m[:, ABS_SUM]) <= scale)
+            & (np.abs(near[:, SUM] - m[:, SUM]) <= scale)
+            & ((np.abs(near[:, MIN] - m[:, MIN]) <= extent) | (np.isnan(near[:, MIN]) & np.isnan(m[:, MIN])))
+            & ((np.abs(near[:, MAX] - m[:, MAX]) <= extent) | (np.isnan(near[:, MAX]) & np.isnan(m[:, MAX])))
         )
     owner, index = owner[keep], index[keep]
     if nan.any():  # rare: a tensor whose sum of squares is NaN matches only such tensors, unscreened
@@ -339,7 +342,7 @@ def _param_match(a: Side, i: int, b: Side, j: int) -> tuple[bool, str] | None:
         return None
     same_dtype = pa.dtype == pb.dtype
     rtol = SAME_DTYPE_RTOL if same_dtype else CROSS_DTYPE_RTOL
-    if not _moments_close(a.table.param_moments[i], b.table.param_moments[j], rtol):
+    if not moments_close(a.table.param_moments[i], b.table.param_moments[j], rtol):
         return None
     detail = "" if same_dtype else f"{pa.dtype}->{pb.dtype}"
     plain_a, plain_b = a.table.param_samples[i], b.table.param_samples[j]
@@ -384,47 +387,6 @@ def _assign(options: list[dict[int, tuple[bool, str]]], k: int, used: set[int]) 
     return None
 
 
-def _moments_close(ma: np.ndarray, mb: np.ndarray, rtol: float) -> bool:
-    if ma[_NAN] != mb[_NAN] or ma[_INF] != mb[_INF]:
-        return False
-    scale = max(abs(ma[_ABS]), abs(mb[_ABS]))
-    if not _close(ma[_SUM], mb[_SUM], rtol * scale):
-        return False
-    if not _close(ma[_ABS], mb[_ABS], rtol * scale):
-        return False
-    if not _close(ma[_SQ], mb[_SQ], 2 * rtol * max(abs(ma[_SQ]), abs(mb[_SQ]))):
-        return False
-    # np.nanmax of the absolute values and 0, in plain floats (called thousands of times)
-    extent = max(abs(float(v)) for v in (ma[_MIN], ma[_MAX], mb[_MIN], mb[_MAX], 0.0) if not math.isnan(v))
-    return _close(ma[_MIN], mb[_MIN], rtol * extent) and _close(ma[_MAX], mb[_MAX], rtol * extent)
-
-
-def _moments_may_be_close(mine: np.ndarray, others: np.ndarray, rtol: np.ndarray) -> np.ndarray:
-    """Which rows of ``others`` may pass :func:`_moments_close` against ``mine`` (one row, or one per row).
-
-    A window of same-sized tensors with similar sums of squares holds dozens of
-    rows per module at 5 000 modules, and nearly all fail the tight tolerance; the
-    scalar test per row was most of the fingerprint stage. This is a superset
-    (tolerances widened by 1e-6 of themselves, NaN and inf always kept), so the
-    exact scalar test on the survivors decides as before.
-    """
-    n = len(others)
-    mine = np.broadcast_to(mine, (n, mine.shape[-1]))
-    loose = rtol * (1 + 1e-6)
-    with np.errstate(invalid="ignore", over="ignore"):
-        extent = np.nanmax(np.abs(np.column_stack([
-            mine[:, _MIN], mine[:, _MAX], others[:, _MIN], others[:, _MAX], np.zeros(n),
-        ])), axis=1) if n else np.zeros(0)
-        scale = np.maximum(np.abs(others[:, _ABS]), np.abs(mine[:, _ABS]))
-        sq_scale = 2 * np.maximum(np.abs(others[:, _SQ]), np.abs(mine[:, _SQ]))
-        keep = (others[:, _NAN] == mine[:, _NAN]) & (others[:, _INF] == mine[:, _INF])
-        for column, tolerance in ((_SUM, scale), (_ABS, scale), (_SQ, sq_scale), (_MIN, extent), (_MAX, extent)):
-            x, y = others[:, column], mine[:, column]
-            unsure = ~np.isfinite(x) | ~np.isfinite(y) | ~np.isfinite(tolerance)
-            keep &= unsure | (np.abs(x - y) <= loose * tolerance + 1e-300)
-    return keep
-
-
 def _samples_close(sa: np.ndarray, sb: np.ndarray, rtol: float) -> bool:
     nan_a, nan_b = np.isnan(sa), np.isnan(sb)
     if not np.array_equal(nan_a, nan_b):
@@ -435,14 +397,6 @@ def _samples_close(sa: np.ndarray, sb: np.ndarray, rtol: float) -> bool:
     with np.errstate(invalid="ignore"):  # inf - inf is nan: not close, and not a warning for the user
         floor = rtol * 1e-3 * float(np.max(np.abs(vb)))
         return bool(np.all(np.abs(va - vb) <= rtol * np.abs(vb) + floor + 1e-300))
-
-
-def _close(x: float, y: float, atol: float) -> bool:
-    if math.isnan(x) or math.isnan(y):
-        return math.isnan(x) and math.isnan(y)
-    if math.isinf(x) or math.isinf(y):
-        return x == y
-    return abs(x - y) <= atol + 1e-300
 
 
 # -- fused modules ----------------------------------------------------------------
@@ -469,23 +423,19 @@ def _first_dims(side: Side, module: int) -> tuple[int, ...]:
     return cache[module]
 
 
-def _moments(side: Side, row: int) -> np.ndarray:
-    return side.table.param_moments[row]
-
-
 def _could_be_part(part: tuple[int, ...], whole: tuple[int, ...]) -> bool:
     return len(part) == len(whole) and len(part) > 0 and part[1:] == whole[1:] and 0 < part[0] < whole[0]
 
 
 def _within(part: np.ndarray, whole: np.ndarray) -> bool:
     """Cheap necessary conditions for ``part`` being a slice of ``whole``."""
-    slack = CROSS_DTYPE_RTOL * (abs(whole[_ABS]) + 1e-30)
-    extent = CROSS_DTYPE_RTOL * float(np.nanmax(np.abs([whole[_MIN], whole[_MAX], 0.0])))
+    slack = CROSS_DTYPE_RTOL * (abs(whole[ABS_SUM]) + 1e-30)
+    extent = CROSS_DTYPE_RTOL * float(np.nanmax(np.abs([whole[MIN], whole[MAX], 0.0])))
     return (
-        part[_ABS] <= whole[_ABS] + slack
-        and part[_SQ] <= whole[_SQ] * (1 + 2 * CROSS_DTYPE_RTOL) + 1e-30
-        and part[_MIN] >= whole[_MIN] - extent
-        and part[_MAX] <= whole[_MAX] + extent
+        part[ABS_SUM] <= whole[ABS_SUM] + slack
+        and part[SUMSQ] <= whole[SUMSQ] * (1 + 2 * CROSS_DTYPE_RTOL) + 1e-30
+        and part[MIN] >= whole[MIN] - extent
+        and part[MAX] <= whole[MAX] + extent
     )
 
 
@@ -502,8 +452,8 @@ def _stacks_to(parts_side: Side, combo: tuple[int, ...], fused_side: Side, rows:
         pieces = [params[r[k]] for r in part_rows]
         same_dtype = all(p.dtype == whole.dtype for p in pieces)
         rtol = SAME_DTYPE_RTOL if same_dtype else CROSS_DTYPE_RTOL
-        stacked = _stack_moments(np.stack([parts_side.table.param_moments[r[k]] for r in part_rows]))
-        if not _moments_close(stacked, fused_side.table.param_moments[row], rtol):
+        stacked = stack_moments(np.stack([parts_side.table.param_moments[r[k]] for r in part_rows]))
+        if not moments_close(stacked, fused_side.table.param_moments[row], rtol):
             return False
     return True
 
@@ -522,20 +472,13 @@ def _abs_sums_may_stack(parts_side: Side, combo: tuple[int, ...], fused_side: Si
         whole = fused_side.table.params[row]
         same_dtype = all(params[r[k]].dtype == whole.dtype for r in part_rows)
         rtol = SAME_DTYPE_RTOL if same_dtype else CROSS_DTYPE_RTOL
-        total = sum(float(moments[r[k], _ABS]) for r in part_rows)
-        target = float(fused_side.table.param_moments[row, _ABS])
+        total = sum(float(moments[r[k], ABS_SUM]) for r in part_rows)
+        target = float(fused_side.table.param_moments[row, ABS_SUM])
         if not (math.isfinite(total) and math.isfinite(target)):
             continue
         if abs(total - target) > rtol * (1 + 1e-6) * max(abs(total), abs(target)) + 1e-290:
             return False
     return True
-
-
-def _stack_moments(parts: np.ndarray) -> np.ndarray:
-    out = parts.sum(axis=0)
-    out[_MIN] = np.nanmin(parts[:, _MIN])
-    out[_MAX] = np.nanmax(parts[:, _MAX])
-    return out
 
 
 def _concat_order(
@@ -571,7 +514,7 @@ def _sample_agreement(parts_side: Side, perm: list[int], fused_side: Side, rows:
         part_rows = [r[k] for r in ordered]
         numels = [math.prod(parts_side.table.params[r].shape) for r in part_rows]
         starts = [0, *itertools.accumulate(numels)]
-        positions = _sample_positions(math.prod(whole.shape), FINGERPRINT_SAMPLE)
+        positions = sample_positions(math.prod(whole.shape), FINGERPRINT_SAMPLE).tolist()
         values = fused_side.table.param_samples[row].tolist()
         rtol = SAME_DTYPE_RTOL if parts_side.table.params[part_rows[0]].dtype == whole.dtype else CROSS_DTYPE_RTOL
         slots = [_position_slots(numel) for numel in numels]
@@ -595,7 +538,7 @@ def _position_slots(numel: int) -> dict[int, int]:
     Remembered per size (every permutation of every fused module asks); do not modify the dict.
     """
     slots: dict[int, int] = {}
-    for slot, flat in enumerate(_sample_positions(numel, FINGERPRINT_SAMPLE)):
+    for slot, flat in enumerate(sample_positions(numel, FINGERPRINT_SAMPLE).tolist()):
         slots.setdefault(flat, slot)
     return slots
 
@@ -614,10 +557,3 @@ def _join(*parts: str) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape)) or "()"
-
-
-def _sample_positions(numel: int, size: int) -> list[int]:
-    """:func:`tracediff.hooks.stats.sample_positions` without torch (reading traces never imports it)."""
-    if numel <= size:
-        return list(range(numel))
-    return [i * numel // size for i in range(size)]

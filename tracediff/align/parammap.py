@@ -37,8 +37,7 @@ from tracediff.align.alignment import Group
 from tracediff.align.mapfile import quoted, read_table_file
 from tracediff.align.side import Side
 from tracediff.errors import AlignmentError
-
-ParamMap = dict[str, "str | tuple[str, int, int]"]
+from tracediff.modtree import ROOT, common_ancestor, join_name
 
 #: Attribute names looked up in a ``.py`` file given without ``:ATTR``.
 DEFAULT_ATTRS = ("param_names_mapping", "PARAM_NAMES_MAPPING")
@@ -74,7 +73,6 @@ class PrefixOffset:
 
     def describe(self, label: str) -> str:
         return f"{label} modules are traced as '{self.traced}<name>' where the table says '{self.table}<name>'"
-
 
 
 @dataclass
@@ -196,7 +194,7 @@ def _links(
     merges: dict[str, dict[int, str]] = defaultdict(dict)  # merged port tensor -> {merge index: upstream name}
     merge_index: dict[int, int] = {}  # upstream module -> its place in a merge
     for entry in upstream.table.params:
-        name = _full(upstream.names[entry.module_index], entry.name)
+        name = join_name(upstream.names[entry.module_index], entry.name)
         table_name = up_offset.to_table(name)
         if table_name is None:  # outside the model the table is written for
             continue
@@ -260,7 +258,7 @@ def find_offsets(
     port_total = sum(1 for e in port.table.params if e.kind == "parameter")
     port_params = _port_params(port)
     port_parameters = {
-        _full(port.names[e.module_index], e.name) for e in port.table.params if e.kind == "parameter"
+        join_name(port.names[e.module_index], e.name) for e in port.table.params if e.kind == "parameter"
     }
 
     def enough(score: tuple[int, int]) -> bool:
@@ -310,7 +308,7 @@ def _targets(
     for entry in upstream.table.params:
         if entry.kind != "parameter":
             continue
-        name = offset.to_table(_full(upstream.names[entry.module_index], entry.name))
+        name = offset.to_table(join_name(upstream.names[entry.module_index], entry.name))
         target = None
         if name is not None:
             for _, value, regex in compiled:
@@ -328,11 +326,12 @@ def _upstream_candidates(
 ) -> list[PrefixOffset]:
     """Offsets worth trying on the upstream side, read from its names and the rules' regexes."""
     names = [
-        _full(upstream.names[e.module_index], e.name) for e in upstream.table.params if e.kind == "parameter"
+        join_name(upstream.names[e.module_index], e.name) for e in upstream.table.params if e.kind == "parameter"
     ]
     owners = [upstream.names[e.module_index] for e in upstream.table.params if e.kind == "parameter"]
     strip: Counter[str] = Counter()
-    common = _common_prefix([owner.split(".") for owner in owners]) if all(owners) else []
+    shared = common_ancestor(owners) if all(owners) else ROOT
+    common = shared.split(".") if shared else []
     for depth in range(1, len(common) + 1):
         strip[".".join(common[:depth]) + "."] += len(names)
     unmatched = [name.split(".") for name, target in zip(names, targets, strict=True) if target is None]
@@ -397,20 +396,8 @@ def _literal_prefix(pattern: str) -> str:
     return "".join(out)
 
 
-def _common_prefix(names: list[list[str]]) -> list[str]:
-    if not names:
-        return []
-    common = names[0]
-    for parts in names[1:]:
-        n = 0
-        while n < min(len(common), len(parts)) and common[n] == parts[n]:
-            n += 1
-        common = common[:n]
-    return common
-
-
 def _port_params(port: Side) -> dict[str, int]:
-    return {_full(port.names[e.module_index], e.name): e.module_index for e in port.table.params}
+    return {join_name(port.names[e.module_index], e.name): e.module_index for e in port.table.params}
 
 
 def _components(
@@ -500,7 +487,3 @@ def _attribute(obj: Any, dotted: str, where: str) -> Any:
             raise AlignmentError(f"param map {where}:{dotted}: {part!r} not found")
         obj = getattr(obj, part)
     return obj
-
-
-def _full(module: str, local: str) -> str:
-    return f"{module}.{local}" if module else local

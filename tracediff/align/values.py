@@ -37,7 +37,8 @@ import numpy as np
 
 from tracediff.align.alignment import Suspect
 from tracediff.align.order import monotone_anchors
-from tracediff.align.side import Side, is_within, parent_name
+from tracediff.align.side import Side
+from tracediff.modtree import is_within, parent
 
 #: Relative distance under which two tensors count as the same values (fp32 reduction noise is ~1e-7).
 AGREE = 1e-4
@@ -319,16 +320,16 @@ def apply_value_evidence(stage: ValueStage) -> ValueOutcome:
     for u in sorted((u for group in by_stretch_up.values() for u in group), key=lambda m: up.exec_order[m]):
         if not open_up(u):
             continue
-        p = best_port(u)
-        if p is None or pairs.get(u) == p or best_up(p) != u:
+        partner = best_port(u)
+        if partner is None or pairs.get(u) == partner or best_up(partner) != u:
             continue
-        for module in (u, partner_of.get(p)):
+        for module in (u, partner_of.get(partner)):
             if module is not None and module in pairs:
                 outcome.drop.append((module, "their values match other modules"))
                 partner_of.pop(pairs.pop(module), None)
-        pairs[u] = p
-        partner_of[p] = u
-        outcome.add.append((u, p, "their outputs hold the same values"))
+        pairs[u] = partner
+        partner_of[partner] = u
+        outcome.add.append((u, partner, "their outputs hold the same values"))
 
     outcome.confirmed = {u for u, p in pairs.items() if u in stage.weak and agrees(u, p)}
     for u in (m for group in by_stretch_up.values() for m in group):
@@ -382,7 +383,7 @@ def _innermost(found: list[int], side: Side) -> int | None:
         return None
     chain = sorted(found, key=lambda m: side.names[m].count(".") if side.names[m] else -1)
     for outer, inner in zip(chain, chain[1:], strict=False):
-        if not is_within(side.names[inner], side.names[outer]):
+        if not is_within(side.names[inner], side.names[outer], strict=False):
             return None
     return chain[-1]
 
@@ -409,15 +410,15 @@ class _Tree:
         MLP keeps beside its activation).
         """
         up_name, port_name = self.up.names[u], self.port.names[p]
-        up_scope = parent_name(up_name) if loose and up_name else up_name
-        port_scope = parent_name(port_name) if loose and port_name else port_name
+        up_scope = parent(up_name) if loose and up_name else up_name
+        port_scope = parent(port_name) if loose and port_name else port_name
         for below in self.up.descendants.get(up_name, []):
             partner = self.pairs.get(self.up.index[below])
-            if partner is not None and not is_within(self.port.names[partner], port_scope):
+            if partner is not None and not is_within(self.port.names[partner], port_scope, strict=False):
                 return False
         for below in self.port.descendants.get(port_name, []):
             partner = self.partner_of.get(self.port.index[below])
-            if partner is not None and not is_within(self.up.names[partner], up_scope):
+            if partner is not None and not is_within(self.up.names[partner], up_scope, strict=False):
                 return False
         return True
 

@@ -123,7 +123,7 @@ def convert_state_dict(
             unmatched.append(name)
             continue
         target, merge_index, num_merges = mapped
-        if merge_index is None:
+        if merge_index is None or num_merges is None:  # a plain rename (a rule gives both or neither)
             if target in sources:
                 problems.append(f"{target!r} is produced by both {sources[target]!r} and {name!r}")
             sources[target] = name

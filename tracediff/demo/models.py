@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
 
 from tracediff.demo.convert import convert_state_dict
-from tracediff.demo.port_dit import VideoDiTTransformer
+from tracediff.demo.port_dit import TransformerBlock, VideoDiTTransformer
 from tracediff.demo.upstream_dit import WanLikeModel
 
 #: Seeds of model weights and of inputs are kept apart so they never share a stream.
@@ -95,20 +95,24 @@ BUGS: dict[str, BugSpec] = {
 DEFAULT_BUG = "gelu_tanh"
 
 
+def _block(port: VideoDiTTransformer, index: int) -> TransformerBlock:
+    return cast(TransformerBlock, port.transformer_blocks[index])
+
+
 def _gelu_exact(port: VideoDiTTransformer) -> None:
-    port.transformer_blocks[2].ffn.act.approximate = "none"
+    _block(port, 2).ffn.act.approximate = "none"
 
 
 def _ln_eps(port: VideoDiTTransformer) -> None:
-    port.transformer_blocks[1].norm_ffn.eps = 1e-2
+    _block(port, 1).norm_ffn.eps = 1e-2
 
 
 def _rope_sign(port: VideoDiTTransformer) -> None:
-    port.transformer_blocks[2].attn1.rope_sin_sign = -1.0
+    _block(port, 2).attn1.rope_sin_sign = -1.0
 
 
 def _ungated_mlp(port: VideoDiTTransformer) -> None:
-    port.transformer_blocks[3].gate_mlp_residual = False
+    _block(port, 3).gate_mlp_residual = False
 
 
 _PLANTERS: dict[str, Callable[[VideoDiTTransformer], None]] = {
@@ -135,7 +139,7 @@ def plant_bug(port: nn.Module, bug: str) -> None:
     _PLANTERS[bug](port)
 
 
-def _upstream_kwargs(cfg: DemoConfig) -> dict[str, object]:
+def _upstream_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     return dict(
         in_dim=cfg.in_channels,
         dim=cfg.dim,
@@ -151,7 +155,7 @@ def _upstream_kwargs(cfg: DemoConfig) -> dict[str, object]:
     )
 
 
-def _port_kwargs(cfg: DemoConfig) -> dict[str, object]:
+def _port_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     return dict(
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,

@@ -297,7 +297,7 @@ class VideoDiTTransformer(nn.Module):
     ) -> None:
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
-        self.patch_size = tuple(patch_size)
+        self.patch_size: tuple[int, int, int] = (patch_size[0], patch_size[1], patch_size[2])
         self.out_channels = out_channels
         self.head_dim = attention_head_dim
         self.rope_theta = rope_theta

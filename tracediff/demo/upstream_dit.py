@@ -9,6 +9,7 @@ it through a real weight-conversion map rather than by identical names.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,7 @@ class WanLikeBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        e: torch.Tensor,
+        e: Any,  # a tensor, then its six chunks: Wan's own code reuses the name, and reports quote these lines
         grid_size: tuple[int, int, int],
         freqs: torch.Tensor,
         context: torch.Tensor,
@@ -171,7 +172,7 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: Any) -> torch.Tensor:  # e: a tensor, then its two chunks (as in Wan)
         e = (self.modulation + e.unsqueeze(1)).chunk(2, dim=1)
         return self.head(self.norm(x) * (1 + e[1]) + e[0])
 
@@ -199,7 +200,7 @@ class WanLikeModel(nn.Module):
         self.freq_dim = freq_dim
         self.out_dim = out_dim
         self.num_heads = num_heads
-        self.patch_size = tuple(patch_size)
+        self.patch_size: tuple[int, int, int] = (patch_size[0], patch_size[1], patch_size[2])
 
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))

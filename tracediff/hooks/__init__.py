@@ -16,7 +16,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from tracediff.store.lock import TraceLock
 from tracediff.store.output import open_for_writing
 from tracediff.store.writer import TraceWriter
 from tracediff.version import __version__
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["TraceHandle", "attach", "current_step", "trace_step"]
 
@@ -73,7 +76,7 @@ class TraceHandle:
     @property
     def records_captured(self) -> int:
         """Records captured so far, including the running step's (not yet written); read-only, for progress."""
-        return self._recorder._seq if self._recorder is not None else 0
+        return self._recorder.records_captured if self._recorder is not None else 0
 
     @property
     def untraced(self) -> dict[str, str]:
@@ -194,7 +197,7 @@ def attach(
     )
     try:
         recorder = Recorder(model, config=config, writer=writer, module_names=table.names)
-        compiled.make_opaque(recorder._handles)
+        compiled.make_opaque(recorder.handles)
     except BaseException:
         writer.close()
         lock.release()
@@ -280,7 +283,7 @@ def _group_ranks(group: Any, initialised: bool, name: str) -> list[int]:
     )
 
 
-def _device_mesh_type() -> type | None:
+def _device_mesh_type() -> type[DeviceMesh] | None:
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:

@@ -24,7 +24,7 @@ So tracediff:
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -45,7 +45,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The eager module behind ``torch.compile(model)`` (``model`` itself when it is not a compiled wrapper)."""
     optimized = _optimized_module_type()
     while optimized is not None and isinstance(model, optimized):
-        model = model._orig_mod
+        model = cast(nn.Module, model._orig_mod)
     return model
 
 
@@ -104,10 +104,10 @@ def make_opaque(handles: list[Any]) -> None:
     """Make the hooks behind ``handles`` opaque to TorchDynamo (``torch.compiler.disable``).
 
     Dynamo then calls each hook as it stands, between graphs, instead of tracing
-    into the recorder. In eager mode the wrapper costs about half a microsecond a call.
+    into the recorder. In eager mode the wrapper only adds a Python call to each hook.
     """
     if "torch._dynamo" not in sys.modules:
-        # Nothing can have been compiled yet, and importing TorchDynamo costs about a second: only a model
+        # Nothing can have been compiled yet, and importing TorchDynamo is slow: only a model
         # compiled after attach would trace into the hooks (graph breaks; records still those of eager mode).
         return
     import torch.compiler

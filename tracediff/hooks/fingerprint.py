@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tracediff.hooks.stats import moments, sample_positions, value_view
+from tracediff.moments import MOMENT_COUNT
 from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, ParamEntry
 
 
@@ -31,7 +32,7 @@ def build_module_table(model: nn.Module) -> ModuleTable:
             dtype = str(tensor.dtype).replace("torch.", "")
             params.append(ParamEntry(index, local_name, kind, tuple(tensor.shape), dtype))
             device_rows.append(_fingerprint_row(tensor.detach()))
-    width = 7 + 2 * FINGERPRINT_SAMPLE
+    width = MOMENT_COUNT + 2 * FINGERPRINT_SAMPLE
     if device_rows:
         host = torch.cat([row.to("cpu") for row in device_rows]).reshape(-1, width).numpy()
     else:
@@ -40,9 +41,9 @@ def build_module_table(model: nn.Module) -> ModuleTable:
         names=names,
         classes=classes,
         params=params,
-        param_moments=host[:, :7].copy(),
-        param_samples=host[:, 7 : 7 + FINGERPRINT_SAMPLE].copy(),
-        param_samples_t=host[:, 7 + FINGERPRINT_SAMPLE :].copy(),
+        param_moments=host[:, :MOMENT_COUNT].copy(),
+        param_samples=host[:, MOMENT_COUNT : MOMENT_COUNT + FINGERPRINT_SAMPLE].copy(),
+        param_samples_t=host[:, MOMENT_COUNT + FINGERPRINT_SAMPLE :].copy(),
     )
 
 

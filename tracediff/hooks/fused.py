@@ -39,7 +39,7 @@ PROGRAMS = 1024
 #: Elements each program loads per iteration (float64 inputs: fewer, to keep float64 accumulators in registers).
 BLOCK = 2048
 BLOCK_F64 = 1024
-#: Warps per program: 8 elements (one 16-byte load of bf16) per thread at BLOCK = 2048; measured fastest on an H100.
+#: Warps per program: 8 elements (one 16-byte load of bf16) per thread at BLOCK = 2048 (docs/benchmarks.md).
 NUM_WARPS = 8
 #: Partial-result columns (7 used, padded to 8).
 _WIDTH = 8
@@ -142,7 +142,7 @@ def available() -> bool:
 def supports(values: torch.Tensor) -> bool:
     """Whether :func:`moments` takes ``values``: a contiguous, non-empty float tensor on a CUDA device."""
     return (
-        _state["ok"]
+        available()
         and values.is_cuda
         and values.dtype in DTYPES
         and values.is_contiguous()

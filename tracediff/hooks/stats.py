@@ -27,11 +27,7 @@ import numpy as np
 import torch
 
 from tracediff.hooks import fused
-
-#: Layout of the vector returned by :func:`moments`.
-MOMENT_FIELDS = ("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_count")
-
-_NAN = float("nan")
+from tracediff.moments import EMPTY_MOMENTS, spread_positions
 
 
 def value_view(tensor: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -52,12 +48,12 @@ def moments(tensor: torch.Tensor) -> torch.Tensor:
     """Mergeable moments of ``tensor`` as a float64 vector on its device.
 
     Returns:
-        ``[sum, abs_sum, sumsq, min, max, nan_count, inf_count]``; for an empty
-        tensor the sums and counts are 0 and min/max are NaN.
+        The vector laid out as :data:`tracediff.moments.MOMENT_NAMES`; for an empty
+        tensor :data:`~tracediff.moments.EMPTY_MOMENTS` (sums and counts 0, min/max NaN).
     """
     values, _ = value_view(tensor)
     if values.numel() == 0:
-        return torch.tensor([0.0, 0.0, 0.0, _NAN, _NAN, 0.0, 0.0], dtype=torch.float64, device=values.device)
+        return torch.tensor(EMPTY_MOMENTS, dtype=torch.float64, device=values.device)
     if values.is_cuda:
         flat = dense_flat(values)
         if flat is not None and fused.supports(flat):
@@ -83,7 +79,7 @@ def _host_moments(values: torch.Tensor) -> torch.Tensor:
     """:func:`moments` of a non-empty CPU tensor, in float64: the same reductions in a third of the operations.
 
     A CPU model's tensors are mostly small, so each PyTorch call's fixed cost dominates
-    (a few microseconds, for every statistic of every traced tensor). Reading results
+    (paid for every statistic of every traced tensor). Reading results
     back costs nothing on the host, which allows two shortcuts that change no value:
     a finite sum proves there is no NaN or Inf (either would make it NaN or infinite),
     so the two counting passes run only when the sum is not finite; and the vector is
@@ -103,7 +99,7 @@ def _host_moments(values: torch.Tensor) -> torch.Tensor:
         nan_count = float(torch.isnan(values).sum(dtype=torch.int64))
         inf_count = float(torch.isinf(values).sum(dtype=torch.int64))
     row = np.array([total, abs_total, norm * norm, float(low), float(high), nan_count, inf_count])
-    return torch.from_numpy(row)  # (torch.tensor from a list costs twice as much)
+    return torch.from_numpy(row)  # (wraps the array; torch.tensor would convert the list element by element)
 
 
 def dense_layout(values: torch.Tensor) -> tuple[int, ...] | None:
@@ -132,14 +128,14 @@ def dense_flat(values: torch.Tensor) -> torch.Tensor | None:
 
 
 def sample_positions(numel: int, size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Deterministic flat positions of the ``sample`` stat: evenly spread, same on both sides.
+    """:func:`tracediff.moments.sample_positions` as an int64 tensor on ``device`` (the same positions).
 
     Made directly on ``device``: copying them there from the host would make the
     hook wait for the GPU.
     """
-    if numel <= size:
-        return torch.arange(numel, dtype=torch.int64, device=device)
-    return torch.arange(size, dtype=torch.int64, device=device) * numel // size
+    slots = torch.arange(min(numel, size), dtype=torch.int64, device=device)
+    positions: torch.Tensor = spread_positions(slots, numel, size)
+    return positions
 
 
 #: Most position vectors :func:`take_sample` keeps (a few distinct tensor sizes per model; 2 KiB each at 256).
@@ -170,13 +166,7 @@ def take_sample(tensor: torch.Tensor, size: int) -> torch.Tensor:
     positions = _cached_positions(values.numel(), size, values.device)
     # take() indexes in logical row-major order whatever the layout, without copying the
     # tensor or (unlike unravel_index) copying index tables from the host, which would sync.
-    return torch.take(values, positions).to(_capture_dtype(values))
-
-
-def take_full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor as float32 (float64 kept as is), for the ``full`` stat."""
-    values, _ = value_view(tensor)
-    return values.to(_capture_dtype(values)).reshape(-1)
+    return torch.take(values, positions).to(full_dtype(values))
 
 
 def copy_full_to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -192,7 +182,7 @@ def copy_full_to_host(tensor: torch.Tensor) -> torch.Tensor:
     """
     values, _ = value_view(tensor)
     if not values.is_cuda:
-        return values.reshape(-1).to("cpu", dtype=_capture_dtype(values), copy=True)
+        return values.reshape(-1).to("cpu", dtype=full_dtype(values), copy=True)
     order = dense_layout(values)
     if order is None:  # overlapping or gapped (expanded, sliced): one device copy makes it dense
         values, order = values.contiguous(), tuple(range(values.dim()))
@@ -201,7 +191,7 @@ def copy_full_to_host(tensor: torch.Tensor) -> torch.Tensor:
     # On a copy stream, so the model's kernels do not queue behind the transfer; the allocator
     # is told the copy reads the tensor, so its memory is not reused before the copy is done.
     # In its own dtype and memory order: half the bytes of float32 for bf16, no device work,
-    # no device memory; the host converts and reorders (measured: as fast, end to end).
+    # no device memory; the host converts and reorders.
     stream = copy_stream(values.device)
     stream.wait_stream(torch.cuda.current_stream(values.device))
     with torch.cuda.stream(stream):
@@ -248,9 +238,5 @@ def copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def full_dtype(values: torch.Tensor) -> torch.dtype:
-    """Dtype the ``full`` stat stores ``values`` in: float64 for float64, else float32."""
-    return _capture_dtype(values)
-
-
-def _capture_dtype(values: torch.Tensor) -> torch.dtype:
+    """Dtype the ``sample`` and ``full`` stats keep ``values`` in: float64 for float64, else float32."""
     return torch.float64 if values.dtype == torch.float64 else torch.float32

@@ -37,14 +37,11 @@ RECORD_COLUMNS: dict[str, np.dtype] = {
 #: ``shape`` is stored separately as an ``(N, MAX_DIMS)`` int64 array padded with -1.
 SHAPE_COLUMN = "shape"
 
-MOMENT_COLUMNS = ("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_count")
-
 #: ``full_kind`` values: where a record's full tensor lives.
 FULL_NONE, FULL_F32, FULL_F64 = 0, 1, 2
-FULL_DATASETS = {FULL_F32: "full/f32", FULL_F64: "full/f64"}
 
 RECORD_CHUNK = 1024
 VALUE_CHUNK = 1 << 14
-#: Chunk of the ``full`` value tables: large, since a full trace appends gigabytes per step
-#: (HDF5 appends 64 KiB chunks at ~0.8 GB/s and 1 MiB+ chunks at ~1.1 GB/s on an H100 host's disk).
+#: Chunk of the ``full`` value tables: large, since a full trace appends gigabytes per step and HDF5
+#: appends large chunks faster than small ones (docs/benchmarks.md).
 FULL_CHUNK = 1 << 18

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tracediff.errors import TraceFormatError
+from tracediff.moments import MOMENT_COUNT
 from tracediff.store.format import FULL_NONE, MAX_DIMS, RECORD_COLUMNS
 from tracediff.store.trace import FINGERPRINT_SAMPLE, ModuleTable, Records, Trace, empty_shape
 
@@ -188,7 +189,7 @@ class _Builder:
             names=names,
             classes=[""] * len(names),
             params=[],
-            param_moments=np.zeros((0, 7)),
+            param_moments=np.zeros((0, MOMENT_COUNT)),
             param_samples=np.zeros((0, FINGERPRINT_SAMPLE)),
             param_samples_t=np.zeros((0, FINGERPRINT_SAMPLE)),
         )

@@ -4,8 +4,9 @@ A user hands ``first-drift`` whatever they have: a tracediff HDF5 trace or a
 FastVideo JSONL file, possibly named ``trace.out``. The first bytes decide: the
 HDF5 signature, or a ``{`` starting the first non-blank line.
 
-A folder or a glob names the per-rank traces of one distributed run; they are
-merged into one trace of the whole model (:mod:`tracediff.merge`).
+A folder or a glob names the per-rank traces of one distributed run: this module lists
+and opens them; merging them into one trace of the whole model is :mod:`tracediff.merge`'s
+job (:func:`tracediff.merge.load_merged` takes a file, a folder or a glob).
 """
 
 from __future__ import annotations
@@ -13,15 +14,11 @@ from __future__ import annotations
 import glob
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tracediff.errors import TraceFormatError
 from tracediff.store.jsonl import read_jsonl
 from tracediff.store.reader import open_trace
 from tracediff.store.trace import Trace
-
-if TYPE_CHECKING:
-    from tracediff.merge import NameMap, ShardDims
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 #: HDF5 allows a user block before the superblock; the signature sits at 0 or a power of two from 512.
@@ -29,44 +26,19 @@ _SIGNATURE_OFFSETS = (0, 512, 1024, 2048, 4096)
 _SNIFF_BYTES = 4096
 
 
-def load_trace(
-    path: str | Path,
-    *,
-    skip_bad_lines: bool = False,
-    like: Trace | None = None,
-    shard_dims: ShardDims = None,
-    name_map: NameMap | None = None,
-) -> Trace:
-    """Open a tracediff HDF5 trace or a FastVideo JSONL trace, or merge a folder/glob of per-rank traces.
+def load_trace(path: str | Path, *, skip_bad_lines: bool = False) -> Trace:
+    """Open a tracediff HDF5 trace or a FastVideo JSONL trace.
 
     Args:
-        path: the file; or a folder, or a glob pattern, holding the per-rank
-            traces of one distributed run (merged, see :func:`tracediff.merge.merge_traces`).
+        path: the file.
         skip_bad_lines: JSONL only; see :func:`tracediff.store.jsonl.read_jsonl`.
-        like: per-rank traces only: the unsharded side's trace, to tell sharded from
-            replicated records of equal per-rank shapes.
-        shard_dims: per-rank traces only: ``{module regex: dim or "replicated"}`` declarations.
-        name_map: per-rank traces only: this side's module name -> ``like``'s.
 
     Returns:
-        The trace; close it when done (a no-op for JSONL and merged traces, which are read whole).
+        The trace; close it when done (a no-op for JSONL traces, which are read whole).
 
     Raises:
         TraceFormatError: missing, empty, a directory, or neither format.
-        MergeError: the folder's traces are not the per-rank traces of one run.
     """
-    paths = rank_trace_paths(path)
-    if paths is not None:
-        if len(paths) == 1:
-            return load_trace(paths[0], skip_bad_lines=skip_bad_lines)
-        from tracediff.merge import merge_traces
-
-        traces = open_traces(paths)
-        try:
-            return merge_traces(traces, reference=like, shard_dims=shard_dims, name_map=name_map, path=str(path))
-        finally:
-            for trace in traces:
-                trace.close()
     path = Path(path)
     kind = sniff(path)
     if kind == "hdf5":

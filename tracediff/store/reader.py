@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from tracediff.errors import TraceFormatError
+from tracediff.moments import MOMENT_COUNT
 from tracediff.store.format import ENCODING_TYPE, FORMAT_VERSION, FULL_F32, FULL_F64, MAX_DIMS, RECORD_COLUMNS
 from tracediff.store.lock import holder
 from tracediff.store.ranks import read_rank_layout
@@ -333,7 +334,7 @@ class _Chunks:
             raise ValueError("read_into needs a C-contiguous array of the dataset's dtype")
         if self.file.fd < 0:
             raise ValueError("the trace is closed")
-        target = memoryview(out.reshape(-1).view(np.uint8))
+        target = out.reshape(-1).view(np.uint8).data
         at = start
         while at < stop:
             k, within = divmod(at, self.rows)
@@ -372,7 +373,7 @@ def _read_modules(handle: h5py.File) -> ModuleTable:
         names=names,
         classes=classes,
         params=entries,
-        param_moments=np.asarray(params["moments"][()], dtype=np.float64).reshape(-1, 7),
+        param_moments=np.asarray(params["moments"][()], dtype=np.float64).reshape(-1, MOMENT_COUNT),
         param_samples=np.asarray(params["sample"][()], dtype=np.float64).reshape(-1, FINGERPRINT_SAMPLE),
         param_samples_t=np.asarray(params["sample_t"][()], dtype=np.float64).reshape(-1, FINGERPRINT_SAMPLE),
     )

@@ -15,11 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from tracediff.errors import TraceFormatError
+from tracediff.moments import DERIVED_STATS
 from tracediff.store.format import FULL_NONE, MAX_DIMS
-
-#: Stats that can be derived from the stored moments.
-DERIVED_STATS = ("abs_mean", "sum", "min", "max", "mean", "std", "l2", "nan_count", "inf_count")
-
 
 #: Elements per parameter kept in the fingerprint sample.
 FINGERPRINT_SAMPLE = 32
@@ -43,13 +40,12 @@ class ModuleTable:
     names: list[str]
     classes: list[str]
     params: list[ParamEntry]
-    #: ``(len(params), 7)`` moments, see :data:`tracediff.store.format.MOMENT_COLUMNS`.
+    #: ``(len(params), MOMENT_COUNT)`` moments, laid out as :data:`tracediff.moments.MOMENT_NAMES`.
     param_moments: np.ndarray
     #: ``(len(params), FINGERPRINT_SAMPLE)`` values at fixed positions (NaN-padded).
     param_samples: np.ndarray
     #: same positions read from the transposed tensor (2-D tensors only, else NaN).
     param_samples_t: np.ndarray
-
 
 
 #: What a rank-mismatch entry found different, see :class:`RankLayout`.

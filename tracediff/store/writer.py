@@ -18,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tracediff.moments import MOMENT_COUNT
 from tracediff.store.diskspace import close_or_discard, guard_write
 from tracediff.store.format import (
     ENCODING_TYPE,
@@ -69,7 +70,7 @@ class TraceWriter:
         self._write_header(attrs)
         self._write_modules(module_table)
         self._create_tables()
-        # h5py looks a dataset up by path in a few microseconds each: ~30 lookups per step, so keep them
+        # h5py looks a dataset up by path on every access, and each step touches every table: keep them
         self._datasets = {name: self._file[name] for name in _DATASETS}
         self._records = {name: self._file["records"][name] for name in (*RECORD_COLUMNS, SHAPE_COLUMN)}
         self._file.flush()
@@ -105,7 +106,7 @@ class TraceWriter:
         params.create_dataset("dtype", data=np.array([e.dtype for e in entries], dtype=object), dtype=_STR)
         params.create_dataset("ndim", data=np.array([len(e.shape) for e in entries], dtype=np.int8))
         params.create_dataset("shape", data=shapes)
-        params.create_dataset("moments", data=table.param_moments.reshape(len(entries), 7))
+        params.create_dataset("moments", data=table.param_moments.reshape(len(entries), MOMENT_COUNT))
         params.create_dataset("sample", data=table.param_samples.reshape(len(entries), FINGERPRINT_SAMPLE))
         params.create_dataset("sample_t", data=table.param_samples_t.reshape(len(entries), FINGERPRINT_SAMPLE))
 
@@ -124,8 +125,9 @@ class TraceWriter:
         full = self._file.create_group("full")
         full.create_dataset("f32", shape=(0,), maxshape=(None,), dtype="f4", chunks=(FULL_CHUNK,))
         full.create_dataset("f64", shape=(0,), maxshape=(None,), dtype="f8", chunks=(FULL_CHUNK,))
+        width = len(COMMIT_FIELDS)
         commits = self._file.create_dataset(
-            "commits", shape=(0, len(COMMIT_FIELDS)), maxshape=(None, len(COMMIT_FIELDS)), dtype="i8", chunks=(256, 7)
+            "commits", shape=(0, width), maxshape=(None, width), dtype="i8", chunks=(256, width)
         )
         commits.attrs["fields"] = list(COMMIT_FIELDS)
         self._file.create_dataset("commit_time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(256,))
