@@ -134,7 +134,7 @@ def test_lazy_samples_and_the_fast_element_path_give_the_same_verdicts(run_trace
 @pytest.mark.parametrize("non_finite", [False, True])
 def test_fast_element_path_matches_the_general_one(non_finite: bool) -> None:
     """Equal-length records as a matrix give the per-segment results (NaN/Inf take the general path)."""
-    from tracediff import diff as d
+    from tracediff.diff import elements as d
 
     rng = np.random.default_rng(0)
     n, length = 50, 16

@@ -16,7 +16,7 @@ from tracediff.bisect import BisectError, bisect_models, isolate_models
 from tracediff.bisect.metrics import compare
 from tracediff.bisect.ops import best_match
 from tracediff.bisect.tree import frontier, replace_leaves, tensor_leaves, top_level
-from tracediff.diff import _segment_metrics
+from tracediff.diff.elements import _segment_metrics
 from tracediff.hooks.flatten import iter_tensors
 from tracediff.tolerance import Tolerance, preset
 

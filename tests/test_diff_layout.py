@@ -18,7 +18,7 @@ from torch import nn
 
 from tracediff.align.values import broadcast_equivalent
 from tracediff.config import TraceConfig
-from tracediff.diff import _same_layout
+from tracediff.diff.checks import same_layout as _same_layout
 from tracediff.pipeline.analyse import analyse
 from tracediff.pipeline.runner import trace_model
 

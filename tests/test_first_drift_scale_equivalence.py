@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import TinyNet
 from tracediff import TraceConfig, attach, open_trace, trace_step
-from tracediff import diff as d
+from tracediff.diff import elements as d
 from tracediff.store import reader
 from tracediff.store.format import RECORD_COLUMNS
 
@@ -121,6 +121,7 @@ def test_closing_the_trace_closes_the_file(sampled_trace: str) -> None:
 @pytest.mark.parametrize("budget", [0, 3, 5, 10_000])
 def test_html_leaves_out_the_same_steps_without_building_their_rows(tmp_path, monkeypatch, budget: int) -> None:
     from tests.test_diff import identity, record
+    from tracediff import diff as d
     from tracediff.render import html as report_html
 
     values = {"a": torch.ones(3), "b": torch.ones(3)}

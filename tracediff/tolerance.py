@@ -18,14 +18,8 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from tracediff.errors import DiffError
-
-if TYPE_CHECKING:  # the diff imports this module; these are for annotations only
-    from tracediff.align.alignment import Alignment
-    from tracediff.diff import DiffResult
-    from tracediff.store.trace import Trace
 
 _FIELDS = ("atol", "rtol", "stat_rtol", "abs_mean_limit")
 
@@ -114,7 +108,15 @@ class Tolerance:
         """
         for override in self.overrides:
             if override.matches(port, upstream):
-                return replace(self, overrides=(), **override.changes())
+                changes = override.changes()
+                return replace(
+                    self,
+                    overrides=(),
+                    atol=changes.get("atol", self.atol),
+                    rtol=changes.get("rtol", self.rtol),
+                    stat_rtol=changes.get("stat_rtol", self.stat_rtol),
+                    abs_mean_limit=changes.get("abs_mean_limit", self.abs_mean_limit),
+                )
         return replace(self, overrides=()) if self.overrides else self
 
     def with_overrides(self, overrides: Iterable[Override]) -> Tolerance:
@@ -173,7 +175,7 @@ def resolve(*, preset_name: str | None = None, atol: float | None = None, rtol: 
     """The one rule set every entry point applies (spec file, ``run``, ``first-drift``, ``bisect``, the plugin).
 
     A preset by name (the default preset without one), or ``atol`` and ``rtol`` together instead of a preset (the
-    statistics then follow ``rtol``, with no abs-mean limit); per-module overrides on top.
+    statistics then follow ``rtol``, an override's included, with no abs-mean limit); per-module overrides on top.
 
     Raises:
         ToleranceChoiceError: ``atol`` without ``rtol`` (or the reverse), or a preset and ``atol``/``rtol`` both.
@@ -184,7 +186,7 @@ def resolve(*, preset_name: str | None = None, atol: float | None = None, rtol: 
     if preset_name is not None and atol is not None:
         raise ToleranceChoiceError("give either preset or atol/rtol, not both")
     if atol is not None and rtol is not None:
-        base = Tolerance(atol=atol, rtol=rtol, stat_rtol=rtol)
+        base = Tolerance(atol=atol, rtol=rtol)
     else:
         base = preset(preset_name or DEFAULT_PRESET)
     overrides = list(overrides)
@@ -232,31 +234,6 @@ def fp32_note(tolerance: Tolerance, *, dtypes: Iterable[str], passed: tuple[str,
     times = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
     return (f"note: {chosen} passed {module}, which the {reference.name} preset flags ({times}\u00d7 its tolerance); "
             f"both sides ran in float32 \u2014 use preset = \"{reference.name}\" for an fp32 parity test")
-
-
-def fp32_note_for(upstream: Trace, port: Trace, alignment: Alignment, result: DiffResult) -> str | None:
-    """:func:`fp32_note` for a finished diff: re-diff under ``fp32`` only when the note could apply.
-
-    The extra diff runs only for a tolerance looser than ``fp32`` on traces recorded in float32.
-    """
-    tolerance = result.tolerance
-    if not looser_than(tolerance, PRESETS[DEFAULT_PRESET]) or not ran_in_fp32([*upstream.records.dtypes,
-                                                                                 *port.records.dtypes]):
-        return None
-    from tracediff.diff import diff_traces
-
-    try:
-        strict = diff_traces(upstream, port, alignment, tolerance=PRESETS[DEFAULT_PRESET], fail_on=result.fail_on)
-    except DiffError:
-        return None
-    flagged, chosen = strict.first_drift, result.first_drift
-    if flagged is None or flagged.kind != "drift" or flagged.row is None:
-        return None
-    key = (flagged.step, flagged.call, flagged.label, flagged.port)
-    if chosen is not None and (chosen.step, chosen.call, chosen.label, chosen.port) == key:
-        return None  # the chosen tolerance flags the very same record
-    return fp32_note(tolerance, dtypes=[*upstream.records.dtypes, *port.records.dtypes],
-                     passed=(flagged.culprit or flagged.port or "?", flagged.row.ratio))
 
 
 def parse_override(text: str) -> Override:

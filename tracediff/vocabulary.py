@@ -1,4 +1,4 @@
-"""One vocabulary for every report: column names, metric names, number formatting, one-line errors.
+"""One vocabulary for every report: column names, metric names, number formatting, finding messages, one-line errors.
 
 The terminal report, the JSON report and the HTML report of ``first-drift``,
 ``run`` and ``bisect`` all take their words from here, so a value printed in
@@ -11,6 +11,7 @@ Kept free of heavy imports: the recorder imports :func:`error_summary`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Longest one-line error summary (exception type included).
@@ -111,4 +112,97 @@ def error_summary(error: BaseException | str) -> str:
     return line if len(line) <= _ERROR_MAX else line[: _ERROR_MAX - 1] + "…"
 
 
-__all__ = ["COLUMNS", "LEGEND", "TERMINAL_COLUMNS", "Column", "error_summary", "metric_name", "number"]
+# -- finding messages: one line per finding of the differ, built from the finding's data ----------
+
+
+def quoted_module(name: str) -> str:
+    """A module name inside a sentence: quoted, the root module ``<model>``."""
+    return repr(name) if name else "<model>"
+
+
+def shape_tuple(shape: tuple[int, ...] | None) -> str:
+    """A shape as Python writes it, ``?`` when it was not recorded."""
+    return "?" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
+
+
+def batch_note(batching: tuple[str, int] | None) -> str:
+    """Why a module's calls did not line up: ``(side that batches, number of calls)``, or nothing when none did."""
+    if batching is None:
+        return ""
+    side, n = batching
+    who, other = ("the port", "upstream's") if side == "port" else ("upstream", "the port's")
+    return (f"; {who} batches {n} calls into one (CFG?), but this tensor does not split into {other} "
+            f"{n} calls along dim 0")
+
+
+def missing_message(kind: str, *, port: str, upstream: str, label: str, call: int) -> str:
+    """A record one side produced and the other did not (``missing_in_port`` or ``missing_in_upstream``)."""
+    if kind == "missing_in_port":
+        return f"upstream {quoted_module(upstream)} produced {label} (call {call}) but the port's " \
+               f"{quoted_module(port)} did not"
+    return f"port {quoted_module(port)} produced {label} (call {call}) but upstream {quoted_module(upstream)} did not"
+
+
+def shape_message(port_shape: tuple[int, ...] | None, upstream_shape: tuple[int, ...] | None) -> str:
+    """A module output of another shape on each side."""
+    return f"shape {shape_tuple(port_shape)} in the port vs {shape_tuple(upstream_shape)} upstream"
+
+
+def dtype_message(port_dtype: str, upstream_dtype: str) -> str:
+    """A record of another dtype on each side (usually deliberate: a bf16 port against fp32)."""
+    return f"dtype {port_dtype} in the port vs {upstream_dtype} upstream"
+
+
+def nonfinite_message(nan_count: int, inf_count: int) -> str:
+    """The port's first NaN/Inf; counts below zero were not recorded."""
+    counts = f"{nan_count} NaN, {inf_count} Inf" if nan_count >= 0 and inf_count >= 0 else "non-finite stats"
+    return f"first NaN/Inf: the port's output has {counts}; upstream's is finite"
+
+
+def drift_message(*, check: str, value: float, limit: float, ratio: float, max_abs_err: float,
+                  rel_l2: float) -> str:
+    """A record over tolerance: the deciding check's value against its limit."""
+    return f"{metric_name(check)} {number(value)} > tol {number(limit)}" + (
+        f" at the worst element (tol = atol + rtol*|upstream| there; err/tol {number(ratio)}, "
+        f"max abs err {number(max_abs_err)}, rel L2 err {number(rel_l2)})"
+        if check == "elements" else f" (err/tol {number(ratio)})"
+    )
+
+
+def rank_mismatch_message(mismatches: Iterable[tuple[str, str]]) -> str:
+    """A replicated tensor that differs across ranks: ``(side, which ranks disagree)`` per side."""
+    return "; ".join((f"{side}: " if side == "upstream" else "") + text for side, text in mismatches)
+
+
+def shard_note(side: str, ranks: Iterable[int], dim: int, errors: Iterable[float] | None) -> str:
+    """How a drifting sharded record splits over ranks, with each shard's rel L2 error when it is known."""
+    ranks = list(ranks)
+    where = (f"{'' if side == 'port' else 'upstream '}sharded over ranks {', '.join(str(r) for r in ranks)} "
+             f"along dim {dim}")
+    if errors is None:
+        return f"{where} (trace the full stat on both sides to see which rank's shard differs)"
+    by_error = list(zip(errors, ranks, strict=True))
+    worst = max(by_error)
+    by_rank = ", ".join(f"rank {rank} {number(err)}" for err, rank in by_error)
+    return f"{where}; rel L2 err by shard: {by_rank} (worst: rank {worst[1]})"
+
+
+__all__ = [
+    "COLUMNS",
+    "LEGEND",
+    "TERMINAL_COLUMNS",
+    "Column",
+    "batch_note",
+    "drift_message",
+    "dtype_message",
+    "error_summary",
+    "metric_name",
+    "missing_message",
+    "nonfinite_message",
+    "number",
+    "quoted_module",
+    "rank_mismatch_message",
+    "shape_message",
+    "shape_tuple",
+    "shard_note",
+]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tracediff.diff import DiffResult, LayerRow
-from tracediff.render.report import context_rows, detail_lines, display_name, headline, table_cells
+from tracediff.render.report import context_rows, detail_lines, display_name, headline, shape_text, table_cells
 from tracediff.vocabulary import COLUMNS, LEGEND, number
 
 #: Records embedded for the step selector, over all steps (the first drift's step always whole).
@@ -139,8 +139,8 @@ def report_data(result: DiffResult) -> dict[str, Any]:
     budget = MAX_EMBEDDED_ROWS
     left_out: list[int] = []
     for step in result.steps:
-        # counted before the rows are built: at 1 M records most steps are left out, and building
-        # their rows (a Python object each) cost more than all the rest of first-drift --html
+        # counted before the rows are built: on a large trace most steps are left out, and building
+        # their rows (a Python object each) would cost more than all the rest of first-drift --html
         if step != result.curve_step and _step_count(result, step) > budget:
             left_out.append(step)
             continue
@@ -161,15 +161,15 @@ def report_data(result: DiffResult) -> dict[str, Any]:
                 "call": [r.call for r in rows],
                 "tensor": [intern(r.label) for r in rows],
                 "check": [intern(r.check or "-") for r in rows],
-                "value": [_clean(r.value, keep_inf=True) for r in rows],
-                "limit": [_clean(r.limit, keep_inf=True) for r in rows],
-                "ratio": [_clean(r.ratio, keep_inf=True) for r in rows],
-                "rel_l2": [_clean(r.rel_l2, keep_inf=True) for r in rows],
-                "max_abs_err": [_clean(r.max_abs_err, keep_inf=True) for r in rows],
-                "sqnr_db": [_clean(r.sqnr_db, keep_inf=True) for r in rows],
+                "value": [_chart_number(r.value) for r in rows],
+                "limit": [_chart_number(r.limit) for r in rows],
+                "ratio": [_chart_number(r.ratio) for r in rows],
+                "rel_l2": [_chart_number(r.rel_l2) for r in rows],
+                "max_abs_err": [_chart_number(r.max_abs_err) for r in rows],
+                "sqnr_db": [_chart_number(r.sqnr_db) for r in rows],
                 "failed": [1 if r.failed else 0 for r in rows],
-                "port_shape": [intern(_shape(r.port_shape)) for r in rows],
-                "upstream_shape": [intern(_shape(r.upstream_shape)) for r in rows],
+                "port_shape": [intern(shape_text(r.port_shape)) for r in rows],
+                "upstream_shape": [intern(shape_text(r.upstream_shape)) for r in rows],
                 "port_dtype": [intern(r.port_dtype) for r in rows],
                 "upstream_dtype": [intern(r.upstream_dtype) for r in rows],
                 "elements": [intern(r.elements or "stats only") for r in rows],
@@ -251,20 +251,11 @@ def svg_chart(result: DiffResult, *, width: int = 960, plot_height: int = 250) -
 
 
 def _step_count(result: DiffResult, step: int) -> int:
-    """``len(_step_rows(result, step))`` without building the rows."""
-    if step == result.curve_step:
-        return len(result.rows)
-    table = result._table  # noqa: SLF001 - see _step_rows
-    return 0 if table is None else len(table.step_rows(step))
+    return result.step_row_count(step)
 
 
 def _step_rows(result: DiffResult, step: int) -> list[LayerRow]:
-    if step == result.curve_step:
-        return result.rows
-    table = result._table  # noqa: SLF001 - rows of another step; DiffResult.rows holds the curve step's only
-    if table is None:
-        return []
-    return [table.row(int(i)) for i in table.step_rows(step)]
+    return result.step_rows(step)
 
 
 def _html_table(rows: list[LayerRow], hit: int | None) -> str:
@@ -288,20 +279,17 @@ def _json_for_script(data: dict[str, Any]) -> str:
     return text
 
 
-def _clean(value: float, *, keep_inf: bool = False) -> float | str | None:
-    if value is None or math.isnan(value):
+def _chart_number(value: float) -> float | str | None:
+    """A value for the page's script: ``None`` for NaN, infinities as ``"inf"``/``"-inf"`` (the chart draws them)."""
+    if math.isnan(value):
         return None
     if math.isinf(value):
-        return ("inf" if value > 0 else "-inf") if keep_inf else None
+        return "inf" if value > 0 else "-inf"
     return float(value)
 
 
 def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _shape(shape: tuple[int, ...] | None) -> str:
-    return "?" if shape is None else "×".join(map(str, shape)) or "()"
 
 
 _CSS = """

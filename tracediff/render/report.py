@@ -9,7 +9,6 @@ number formatting come from :mod:`tracediff.vocabulary`, shared by all three.
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any
 
@@ -143,7 +142,7 @@ def render_terminal(result: DiffResult, console: Console | None = None, *, conte
     console = console or Console()
     ok = result.first_drift is None
     console.print(Text(headline(result), style="bold green" if ok else "bold red"), soft_wrap=True)
-    for line in _detail_lines(result):
+    for line in detail_lines(result):
         console.print(Text("  " + line), soft_wrap=True)
     rows, hit = context_rows(result, context=context)
     if rows:
@@ -158,10 +157,6 @@ def render_terminal(result: DiffResult, console: Console | None = None, *, conte
 
 def detail_lines(result: DiffResult) -> list[str]:
     """The lines under the headline (last good, later steps, notes, what was compared and what was not)."""
-    return _detail_lines(result)
-
-
-def _detail_lines(result: DiffResult) -> list[str]:
     lines = []
     first = result.first_drift
     if first is not None:
@@ -267,8 +262,8 @@ def table_cells(row: LayerRow, columns: tuple[Any, ...] = COLUMNS) -> list[str]:
         "rel L2 err": number(row.rel_l2),
         "max abs err": number(row.max_abs_err),
         "SQNR dB": number(row.sqnr_db),
-        "shape": _shape(row.port_shape) + ("" if row.port_shape == row.upstream_shape
-                                           else f" / {_shape(row.upstream_shape)}"),
+        "shape": shape_text(row.port_shape) + ("" if row.port_shape == row.upstream_shape
+                                           else f" / {shape_text(row.upstream_shape)}"),
         "dtype": row.port_dtype + ("" if row.port_dtype == row.upstream_dtype else f" / {row.upstream_dtype}"),
     }
     return [values[column.header] for column in columns]
@@ -310,86 +305,18 @@ def _curve(ratio: np.ndarray, first: int | None, *, step: int, width: int) -> Te
 
 
 def to_json(result: DiffResult) -> dict[str, Any]:
-    """Everything a machine needs, as plain JSON types (NaN and infinities become ``null``)."""
+    """Everything a machine needs, as plain JSON types (NaN and infinities become ``null``).
+
+    The result's own data (:meth:`~tracediff.diff.DiffResult.to_json`) with the words a person reads added: the
+    headline and what each table column means.
+    """
+    data = result.to_json()
     return {
-        "ok": bool(result),
+        "ok": data.pop("ok"),
         "headline": headline(result),
-        "upstream": result.upstream_path,
-        "port": result.port_path,
-        "tolerance": result.tolerance.to_dict(),
-        "fail_on": sorted(result.fail_on),
-        "steps": result.steps,
-        "drifting_steps": result.drifting_steps,
-        "curve_step": result.curve_step,
-        "compared": result.compared,
-        "aligned_modules": result.aligned_modules,
-        "unchecked": result.unchecked,
-        "unchecked_inputs": result.unchecked_inputs,
-        "one_sided_modules": result.one_sided_modules,
-        "steps_only_upstream": result.steps_only_upstream,
-        "steps_only_port": result.steps_only_port,
-        "counts": result.counts,
-        "first_drift": _finding_dict(result.first_drift) if result.first_drift is not None else None,
-        "last_good": _row_dict(result.last_good) if result.last_good is not None else None,
-        "findings": [_finding_dict(f) for f in result.findings],
-        "rows": [_row_dict(r) for r in result.rows],
-        "alignment_suspects": [s.to_dict() for s in result.alignment_suspects],
+        **data,
         "columns": [{"column": c.header, "key": c.key, "meaning": c.meaning} for c in COLUMNS],
     }
-
-
-def _finding_dict(finding: Finding) -> dict[str, Any]:
-    return {
-        "kind": finding.kind,
-        "fatal": finding.fatal,
-        "step": finding.step,
-        "call": finding.call,
-        "tensor": finding.label,
-        "port": finding.port,
-        "upstream": finding.upstream,
-        "culprit": finding.culprit,
-        "culprit_upstream": finding.culprit_upstream,
-        "suspects": list(finding.suspects),
-        "before_call": finding.before_call,
-        "blame": finding.blame,
-        "message": finding.message,
-        "metric": finding.metric,
-        "value": _clean(finding.value),
-        "limit": _clean(finding.limit),
-        "port_record": finding.port_record,
-        "upstream_record": finding.upstream_record,
-    }
-
-
-def _row_dict(row: LayerRow) -> dict[str, Any]:
-    return {
-        "index": row.index,
-        "step": row.step,
-        "call": row.call,
-        "tensor": row.label,
-        "port": row.port,
-        "upstream": row.upstream,
-        "drift": _clean(row.drift),
-        "ratio": _clean(row.ratio),
-        "check": row.check,
-        "value": _clean(row.value),
-        "limit": _clean(row.limit),
-        "failed": row.failed,
-        "elements": row.elements,
-        "max_abs_err": _clean(row.max_abs_err),
-        "rel_l2": _clean(row.rel_l2),
-        "cosine": _clean(row.cosine),
-        "sqnr_db": _clean(row.sqnr_db),
-        "stat_drift": {k: _clean(v) for k, v in row.stat_drift.items()},
-        "port_shape": list(row.port_shape) if row.port_shape is not None else None,
-        "upstream_shape": list(row.upstream_shape) if row.upstream_shape is not None else None,
-        "port_dtype": row.port_dtype,
-        "upstream_dtype": row.upstream_dtype,
-    }
-
-
-def _clean(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -399,7 +326,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _shape(shape: tuple[int, ...] | None) -> str:
+def shape_text(shape: tuple[int, ...] | None) -> str:
+    """A shape as the tables print it: ``2×16×64``, ``()`` for a scalar, ``?`` when not recorded."""
     return "?" if shape is None else "×".join(map(str, shape)) or "()"
 
 
