@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tracediff.render.preflight as words
 from tests.printed_numbers import mask_floats, number_after
 from tracediff import TraceConfig
 from tracediff.demo import make_inputs, make_port, make_upstream
@@ -96,7 +97,7 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def lines(result) -> list[str]:
-    return [p.line() for p in result.weight_findings] + [i.line() for i in result.input_findings]
+    return [words.line(p) for p in result.weight_findings] + [words.line(i) for i in result.input_findings]
 
 
 # -- live models ------------------------------------------------------------------------
@@ -105,8 +106,8 @@ def lines(result) -> list[str]:
 @pytest.mark.parametrize("param_map", [None, PARAM_NAMES_MAPPING], ids=["aligned", "param_map"])
 def test_clean_models_report_every_parameter_identical(param_map) -> None:
     result = check_models(make_upstream(0), make_port(0), param_map=param_map)
-    assert result and result.counts_line() == CLEAN_COUNTS
-    assert result.summary() == f"pre-flight: clean; {CLEAN_COUNTS}; inputs not checked (no forward pass)"
+    assert result and words.counts_line(result) == CLEAN_COUNTS
+    assert words.summary(result) == f"pre-flight: clean; {CLEAN_COUNTS}; inputs not checked (no forward pass)"
     fused = [p for p in result.params if p.upstream == "blocks.0.self_attn.k.weight"]
     assert [(p.port_label, p.status, p.exact) for p in fused] == [
         ("transformer_blocks.0.attn1.to_qkv.weight[64:128]", "identical", True)]
@@ -115,7 +116,8 @@ def test_clean_models_report_every_parameter_identical(param_map) -> None:
 def test_models_name_a_transposed_a_scaled_and_a_missing_parameter() -> None:
     result = check_models(make_upstream(0), broken_port())
     assert not result
-    assert result.counts_line() == "123 parameters compared: 120 identical, 1 transposed, 1 scaled, 1 missing in port"
+    assert words.counts_line(result) == ("123 parameters compared: 120 identical, 1 transposed, 1 scaled, "
+                                         "1 missing in port")
     found = lines(result)
     assert found[0] == MISSING
     assert found[1] == TRANSPOSED
@@ -135,23 +137,23 @@ def test_models_name_a_parameter_the_loader_left_out() -> None:
     port = make_port(seed=1)
     port.load_state_dict(state, strict=False)
     result = check_models(upstream, port, param_map=PARAM_NAMES_MAPPING)
-    assert result.counts_line() == "123 parameters compared: 122 identical, 1 different"
+    assert words.counts_line(result) == "123 parameters compared: 122 identical, 1 different"
     (finding,) = result.weight_findings
-    assert finding.line().startswith(
+    assert words.line(finding).startswith(
         "transformer_blocks.3.ffn.fc_out.bias different from upstream blocks.3.ffn.2.bias: max-abs ")
 
 
 def test_models_name_swapped_pieces_of_a_fused_projection() -> None:
     upstream, port = make_upstream(0), swapped_qk_port()
     result = check_models(upstream, port, param_map=PARAM_NAMES_MAPPING)
-    assert result.counts_line() == "123 parameters compared: 119 identical, 4 swapped pieces"
-    assert result.weight_findings[0].line().startswith(
+    assert words.counts_line(result) == "123 parameters compared: 119 identical, 4 swapped pieces"
+    assert words.line(result.weight_findings[0]).startswith(
         "transformer_blocks.1.attn1.to_qkv.weight[0:64] swapped pieces: holds upstream blocks.1.self_attn.k.weight "
         "where upstream blocks.1.self_attn.q.weight belongs")
     # Without the map the pieces are judged in the order their names give (q, k, v): the same finding.
     inferred = check_models(upstream, port)
-    assert inferred.counts_line() == result.counts_line()
-    assert inferred.weight_findings[0].line().endswith("the conversion concatenated k, q, v, not q, k, v "
+    assert words.counts_line(inferred) == words.counts_line(result)
+    assert words.line(inferred.weight_findings[0]).endswith("the conversion concatenated k, q, v, not q, k, v "
                                                        "(by the upstream's module names q, k, v)")
 
 
@@ -162,7 +164,7 @@ def test_clean_traces_report_identical_weights_and_inputs(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["clean"]) as port:
         result = check_traces(up, port)
     assert result
-    assert result.summary() == f"pre-flight: clean; {CLEAN_COUNTS}; inputs identical (3 tensors, steps 0, 1)"
+    assert words.summary(result) == f"pre-flight: clean; {CLEAN_COUNTS}; inputs identical (3 tensors, steps 0, 1)"
     assert len(result.inputs) == 3 * STEPS and all(i.status == "identical" for i in result.inputs)
 
 
@@ -170,7 +172,8 @@ def test_traces_name_the_same_problems_from_fingerprints(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["broken"]) as port:
         result = check_traces(up, port)
         mapped = check_traces(up, port, param_map=PARAM_NAMES_MAPPING)
-    assert result.counts_line() == "123 parameters compared: 120 identical, 1 transposed, 1 scaled, 1 missing in port"
+    assert words.counts_line(result) == ("123 parameters compared: 120 identical, 1 transposed, 1 scaled, "
+                                         "1 missing in port")
     found = lines(result)
     assert found[:2] == [MISSING, TRANSPOSED]
     assert mask_floats(found[2]) == SCALED + " over the sampled values)"
@@ -178,16 +181,16 @@ def test_traces_name_the_same_problems_from_fingerprints(traces) -> None:
     assert not result.weight_findings[2].exact
     # The map names the port parameter the converter should have filled; the aligner refuses such
     # a map, so modules are aligned without it and the result says so.
-    assert mapped.counts_line() == result.counts_line()
+    assert words.counts_line(mapped) == words.counts_line(result)
     assert lines(mapped)[0] == ("upstream blocks.0.cross_attn.k.bias missing in port (the param map sends it to "
                                 "'transformer_blocks.0.attn2.to_k.bias', which the port does not have)")
-    assert any(note.startswith("modules aligned without the parameter map") for note in mapped.notes)
+    assert any(note.startswith("modules aligned without the parameter map") for note in words.notes(mapped))
 
 
 def test_traces_check_fused_pieces_against_their_slices(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["swapped"]) as port:
         result = check_traces(up, port, param_map=PARAM_NAMES_MAPPING)
-    assert result.counts_line() == "123 parameters compared: 119 identical, 4 swapped pieces"
+    assert words.counts_line(result) == "123 parameters compared: 119 identical, 4 swapped pieces"
     first = result.weight_findings[0]
     assert (first.port_label, first.upstream) == ("transformer_blocks.1.attn1.to_qkv.weight[0:64]",
                                                   "blocks.1.self_attn.q.weight")
@@ -198,9 +201,9 @@ def test_traces_check_fused_pieces_against_their_slices(traces) -> None:
 def test_traces_name_inputs_that_differ(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["inputs"]) as port:
         result = check_traces(up, port)
-    assert not result and result.counts_line() == CLEAN_COUNTS
-    assert result.inputs_line() == "inputs differ at steps 0, 1 (`context`)"
-    found = [i.line() for i in result.input_findings]
+    assert not result and words.counts_line(result) == CLEAN_COUNTS
+    assert words.inputs_line(result) == "inputs differ at steps 0, 1 (`context`)"
+    found = [words.line(i) for i in result.input_findings]
     assert [line.split(" max-abs")[0] for line in found] == ["inputs differ at step 0: `context`",
                                                               "inputs differ at step 1: `context`"]
     assert mask_floats(found[0]).startswith("inputs differ at step 0: `context` max-abs #, rel #")

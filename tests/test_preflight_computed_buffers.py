@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import tracediff.render.preflight as words
 from tracediff import TraceConfig
 from tracediff.pipeline.runner import trace_model
 from tracediff.preflight import PreflightResult, check_models, check_traces
@@ -136,7 +137,7 @@ def buffers(result: PreflightResult) -> list:
 
 
 def explain(result: PreflightResult) -> str:
-    return result.summary() + "\n" + "\n".join(p.line() for p in result.params)
+    return words.summary(result) + "\n" + "\n".join(words.line(p) for p in result.params)
 
 
 # -- not in the state dict: a note -------------------------------------------------------
@@ -146,16 +147,16 @@ def test_upstream_tables_computed_at_construction_are_a_note(traces) -> None:
     for result in live_results("upstream_computed", traces):
         assert result, explain(result)
         assert result.source == "models"
-        assert result.counts_line() == ("4 parameters and buffers compared: 2 identical, "
+        assert words.counts_line(result) == ("4 parameters and buffers compared: 2 identical, "
                                         "2 computed (not in the state dict)")
-        assert result.summary().startswith("pre-flight: clean; ")
+        assert words.summary(result).startswith("pre-flight: clean; ")
         cos, sin = buffers(result)
         assert [(c.upstream, c.port, c.status, c.finding, c.failing) for c in (cos, sin)] == [
             ("rope.freqs_cos", None, "computed", False, False), ("rope.freqs_sin", None, "computed", False, False)]
-        assert cos.line() == ("upstream rope.freqs_cos (buffer) not in the state dict (computed at construction), "
+        assert words.line(cos) == ("upstream rope.freqs_cos (buffer) not in the state dict (computed at construction), "
                               "not converted; no port module holds its values")
-        assert cos.line() in result.notes and sin.line() in result.notes
-        data = result.to_dict()
+        assert words.line(cos) in words.notes(result) and words.line(sin) in words.notes(result)
+        data = words.preflight_json(result)
         assert data["ok"] and data["counts"] == {"identical": 2, "computed": 2} and data["findings"] == []
         assert [p["status"] for p in data["params"] if p["kind"] == "buffer"] == ["computed", "computed"]
 
@@ -166,7 +167,7 @@ def test_port_tables_computed_at_construction_are_a_note(traces) -> None:
         assert result.counts == {"identical": 2, "computed": 2}
         assert [(c.upstream, c.port, c.status) for c in buffers(result)] == [
             (None, "rope.freqs_cos", "computed"), (None, "rope.freqs_sin", "computed")]
-        assert buffers(result)[0].line().startswith(
+        assert words.line(buffers(result)[0]).startswith(
             "rope.freqs_cos (buffer) not in the state dict (computed at construction), not converted")
 
 

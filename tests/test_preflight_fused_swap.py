@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+import tracediff.render.preflight as words
 from tests.cli_helpers import report_lines, run_cli
 from tests.pairs import llama
 from tracediff import TraceConfig
@@ -77,7 +78,7 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def swapped_lines(result) -> list[str]:
-    return [p.line() for p in result.weight_findings if p.status == "swapped"]
+    return [words.line(p) for p in result.weight_findings if p.status == "swapped"]
 
 
 # -- live models ------------------------------------------------------------------------
@@ -85,24 +86,25 @@ def swapped_lines(result) -> list[str]:
 
 def test_clean_fused_conversion_stays_clean_without_a_param_map() -> None:
     result = check_models(make_upstream(0), converted_port(PARAM_NAMES_MAPPING))
-    assert result and result.counts_line() == CLEAN
-    assert not result.notes
+    assert result and words.counts_line(result) == CLEAN
+    assert not words.notes(result)
 
 
 def test_kv_swapped_in_conversion_is_named_without_a_param_map() -> None:
     result = check_models(make_upstream(0), kv_swapped_port())
     assert not result
-    assert result.counts_line() == SWAPPED
+    assert words.counts_line(result) == SWAPPED
     found = result.weight_findings
     assert {(p.port_label, p.upstream) for p in found} == {
         (f"transformer_blocks.{b}.attn1.to_qkv.{n}[{rows}]", f"blocks.{b}.self_attn.{piece}.{n}")
         for b in range(4) for n in ("weight", "bias") for piece, rows in (("k", "64:128"), ("v", "128:192"))}
     assert all(p.exact and p.failing and p.port_module == f"transformer_blocks.{p.upstream.split('.')[1]}.attn1.to_qkv"
                for p in found)
-    assert found[0].line() == K_IN_V
+    assert words.line(found[0]) == K_IN_V
     bias_v = next(p for p in found if p.upstream == "blocks.3.self_attn.v.bias")
-    assert bias_v.line().startswith("transformer_blocks.3.attn1.to_qkv.bias[128:192] swapped pieces: holds upstream "
-                                    "blocks.3.self_attn.k.bias where upstream blocks.3.self_attn.v.bias belongs")
+    assert words.line(bias_v).startswith("transformer_blocks.3.attn1.to_qkv.bias[128:192] swapped pieces: holds "
+                                         "upstream blocks.3.self_attn.k.bias where upstream blocks.3.self_attn.v.bias "
+                                         "belongs")
     # q stayed in place: its slices are identical, not swapped.
     q = [p for p in result.params if p.upstream is not None and ".self_attn.q." in p.upstream]
     assert len(q) == 8 and {p.status for p in q} == {"identical"}
@@ -113,8 +115,8 @@ def test_kv_swapped_in_conversion_is_named_without_a_param_map() -> None:
 def test_every_piece_out_of_place_is_named(order, stacked) -> None:
     """Three pieces that trade places in a cycle: each slice names the piece it holds and where its own went."""
     result = check_models(make_upstream(0), converted_port(reordered_map(order)))
-    assert result.counts_line() == "123 parameters compared: 99 identical, 24 swapped pieces"
-    lines = [p.line() for p in result.weight_findings if p.upstream and p.upstream.startswith("blocks.1.")
+    assert words.counts_line(result) == "123 parameters compared: 99 identical, 24 swapped pieces"
+    lines = [words.line(p) for p in result.weight_findings if p.upstream and p.upstream.startswith("blocks.1.")
              and p.upstream.endswith("weight")]
     assert len(lines) == 3
     assert all(f"the conversion concatenated {stacked}, not q, k, v" in line for line in lines)
@@ -139,8 +141,8 @@ def test_a_scaled_piece_beside_the_swap_is_named_too() -> None:
     assert block["blocks.2.self_attn.q.weight"].scale == pytest.approx(0.5)
     assert block["blocks.2.self_attn.k.weight"].status == "swapped"
     assert block["blocks.2.self_attn.v.bias"].status == "swapped"
-    assert result.counts_line() == "123 parameters compared: 105 identical, 2 scaled, 16 swapped pieces"
-    assert block["blocks.2.self_attn.k.weight"].line().endswith("the conversion concatenated q, v, k, not q, k, v "
+    assert words.counts_line(result) == "123 parameters compared: 105 identical, 2 scaled, 16 swapped pieces"
+    assert words.line(block["blocks.2.self_attn.k.weight"]).endswith("the conversion concatenated q, v, k, not q, k, v "
                                                                 "(by the upstream's module names q, k, v)")
 
 
@@ -151,7 +153,7 @@ def test_a_piece_copied_over_another_is_different_not_swapped() -> None:
         fused = port.transformer_blocks[1].attn1.to_qkv.weight
         fused[128:192] = fused[64:128].clone()
     result = check_models(make_upstream(0), port)
-    assert result.counts_line() == "123 parameters compared: 122 identical, 1 different"
+    assert words.counts_line(result) == "123 parameters compared: 122 identical, 1 different"
     (finding,) = result.weight_findings
     assert finding.port_label == "transformer_blocks.1.attn1.to_qkv.weight[128:192]"
     assert finding.detail.endswith("it holds blocks.1.self_attn.k.weight's values (pieces swapped?)")
@@ -162,11 +164,11 @@ def test_the_param_map_decides_the_order_when_given() -> None:
     truth, so a port built through that very map is clean."""
     upstream, port = make_upstream(0), kv_swapped_port()
     mapped = check_models(upstream, port, param_map=PARAM_NAMES_MAPPING)
-    assert mapped.counts_line() == SWAPPED
-    assert mapped.weight_findings[0].line() == K_IN_V.replace("by the upstream's module names q, k, v",
+    assert words.counts_line(mapped) == SWAPPED
+    assert words.line(mapped.weight_findings[0]) == K_IN_V.replace("by the upstream's module names q, k, v",
                                                               "the param map's merge order")
     deliberate = check_models(upstream, port, param_map=reordered_map((0, 2, 1)))
-    assert deliberate and deliberate.counts_line() == CLEAN
+    assert deliberate and words.counts_line(deliberate) == CLEAN
 
 
 def test_a_fused_upstream_split_wrongly_into_the_port_is_named() -> None:
@@ -181,8 +183,8 @@ def test_a_fused_upstream_split_wrongly_into_the_port_is_named() -> None:
                 k.copy_(v)
                 v.copy_(k_values)
     result = check_models(fused_reference, split_port)
-    assert result.counts_line() == SWAPPED
-    assert result.weight_findings[0].line() == (
+    assert words.counts_line(result) == SWAPPED
+    assert words.line(result.weight_findings[0]) == (
         "blocks.0.self_attn.k.weight swapped pieces: holds upstream transformer_blocks.0.attn1.to_qkv.weight[128:192] "
         "(v) where upstream transformer_blocks.0.attn1.to_qkv.weight[64:128] belongs; the conversion split it into "
         "q, v, k, not q, k, v (by the port's module names q, k, v)")
@@ -192,8 +194,8 @@ def test_llama_pair_fused_qkv_and_gate_up() -> None:
     """A second pair: HF-style q_proj/k_proj/v_proj and gate_proj/up_proj (with biases) fused Meta-style."""
     reference = llama.make_reference(0)
     clean = check_models(reference, llama.make_port(0))
-    assert clean and clean.counts_line() == ("52 parameters and buffers compared: 51 identical, 1 computed (not in "
-                                             "the state dict)")
+    assert clean and words.counts_line(clean) == ("52 parameters and buffers compared: 51 identical, 1 computed "
+                                                  "(not in the state dict)")
     port = llama.make_port(0)
     with torch.no_grad():
         for name in ("weight", "bias"):  # the conversion stacked cat(up, gate) in layer 1
@@ -202,9 +204,9 @@ def test_llama_pair_fused_qkv_and_gate_up() -> None:
             fused[:64] = fused[64:].clone()
             fused[64:] = gate
     result = check_models(reference, port)
-    assert result.counts_line() == ("52 parameters and buffers compared: 47 identical, 1 computed (not in the state "
-                                    "dict), 4 swapped pieces")
-    assert result.weight_findings[0].line() == (
+    assert words.counts_line(result) == ("52 parameters and buffers compared: 47 identical, 1 computed (not in the "
+                                         "state dict), 4 swapped pieces")
+    assert words.line(result.weight_findings[0]) == (
         "layers.1.feed_forward.w13.weight[0:64] swapped pieces: holds upstream model.layers.1.mlp.up_proj.weight "
         "where upstream model.layers.1.mlp.gate_proj.weight belongs (gate_proj is in rows 64:128); the conversion "
         "concatenated up_proj, gate_proj, not gate_proj, up_proj (by the upstream's module names gate_proj, up_proj)")
@@ -249,10 +251,10 @@ def test_role_names_not_definition_order_set_the_natural_order() -> None:
         return port
 
     clean = check_models(upstream, load("qkv"))
-    assert clean and clean.counts_line() == "8 parameters compared: 8 identical"
+    assert clean and words.counts_line(clean) == "8 parameters compared: 8 identical"
     swapped = check_models(upstream, load("qvk"))
-    assert swapped.counts_line() == "8 parameters compared: 4 identical, 4 swapped pieces"
-    assert swapped.weight_findings[0].line().endswith(
+    assert words.counts_line(swapped) == "8 parameters compared: 4 identical, 4 swapped pieces"
+    assert words.line(swapped.weight_findings[0]).endswith(
         "the conversion concatenated q_proj, v_proj, k_proj, not q_proj, k_proj, v_proj "
         "(by the upstream's module names q_proj, k_proj, v_proj)")
 
@@ -262,10 +264,10 @@ def test_role_names_not_definition_order_set_the_natural_order() -> None:
 
 def test_traces_name_the_swap_from_fingerprints(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["clean"]) as clean:
-        assert check_traces(up, clean).counts_line() == CLEAN
+        assert words.counts_line(check_traces(up, clean)) == CLEAN
     with load_trace(traces["upstream"]) as up, load_trace(traces["swapped"]) as port:
         result = check_traces(up, port)
-    assert result.counts_line() == SWAPPED
+    assert words.counts_line(result) == SWAPPED
     assert swapped_lines(result)[0] == K_IN_V
     assert not any(p.exact for p in result.weight_findings)
     assert result.weight_findings[1].port_label == "transformer_blocks.0.attn1.to_qkv.bias[64:128]"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tracediff.render.preflight as words
 from tests.pairs.preflight_pair import (
     PARAM_MAP,
     THETA,
@@ -82,10 +83,10 @@ def test_clean_pair_is_identical_buffers_included(traces, param_map) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["clean"]) as port:
         traced = check_traces(up, port, param_map=param_map)
     for result in (live, traced):
-        assert result and result.counts_line() == CLEAN_COUNTS
+        assert result and words.counts_line(result) == CLEAN_COUNTS
     buffer = next(p for p in traced.params if p.kind == "buffer")
     assert (buffer.upstream, buffer.port, buffer.status) == ("rotary.inv_freq", "rope.freqs", "identical")
-    assert traced.inputs_line() == "inputs identical (2 tensors, step 0)"
+    assert words.inputs_line(traced) == "inputs identical (2 tensors, step 0)"
     # The two forwards name their arguments differently; the inputs are paired by position.
     assert [(i.upstream_label, i.label) for i in traced.inputs] == [
         ("input.x", "input.hidden_states"), ("input.context", "input.encoder_hidden_states")]
@@ -93,14 +94,14 @@ def test_clean_pair_is_identical_buffers_included(traces, param_map) -> None:
 
 def test_a_buffer_computed_differently_is_named(traces) -> None:
     live = check_models(make_upstream(), make_port(rope_theta=BAD_THETA))
-    assert live.counts_line() == "19 parameters and buffers compared: 18 identical, 1 different"
+    assert words.counts_line(live) == "19 parameters and buffers compared: 18 identical, 1 different"
     (finding,) = live.weight_findings
-    assert_buffer_line(finding.line())
+    assert_buffer_line(words.line(finding))
     with load_trace(traces["upstream"]) as up, load_trace(traces["buffer"]) as port:
         traced = check_traces(up, port)
     # The buffer has 4 elements, so the sample holds all of them and the numbers are exact too.
     (finding,) = traced.weight_findings
-    assert_buffer_line(finding.line(), " over the sampled values")
+    assert_buffer_line(words.line(finding), " over the sampled values")
 
 
 def test_the_first_drift_at_the_buffers_module_names_it_as_the_likely_cause(traces) -> None:
@@ -116,8 +117,8 @@ def test_a_weight_stored_transposed_is_named_with_both_shapes(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["in_out"]) as port:
         traced = check_traces(up, port)
     for result in (live, traced):
-        assert result.counts_line() == "19 parameters and buffers compared: 18 identical, 1 transposed"
-        assert [p.line() for p in result.weight_findings] == [expected]
+        assert words.counts_line(result) == "19 parameters and buffers compared: 18 identical, 1 transposed"
+        assert [words.line(p) for p in result.weight_findings] == [expected]
 
 
 def test_same_values_in_another_order_are_called_a_permutation(traces) -> None:
@@ -126,24 +127,24 @@ def test_same_values_in_another_order_are_called_a_permutation(traces) -> None:
     live = check_models(make_upstream(), permuted_port())
     with load_trace(traces["upstream"]) as up, load_trace(traces["permuted"]) as port:
         traced = check_traces(up, port)
-    assert [p.line() for p in live.weight_findings] == [expected]
-    assert [p.line() for p in traced.weight_findings] == [
+    assert [words.line(p) for p in live.weight_findings] == [expected]
+    assert [words.line(p) for p in traced.weight_findings] == [
         expected + "; equal moments, different sampled values"]
 
 
 def test_renamed_inputs_that_differ_are_named_by_the_ports_argument(traces) -> None:
     with load_trace(traces["upstream"]) as up, load_trace(traces["inputs"]) as port:
         result = check_traces(up, port)
-    assert not result and result.counts_line() == CLEAN_COUNTS
+    assert not result and words.counts_line(result) == CLEAN_COUNTS
     (finding,) = result.input_findings
-    assert mask_floats(finding.line()).startswith(
+    assert mask_floats(words.line(finding)).startswith(
         "inputs differ at step 0: `encoder_hidden_states` (upstream `context`) max-abs #, rel #")
-    assert number_after(finding.line(), "max-abs ") == pytest.approx(3e-2, rel=1e-3)
-    assert finding.line().endswith(" (all 60 elements)")
+    assert number_after(words.line(finding), "max-abs ") == pytest.approx(3e-2, rel=1e-3)
+    assert words.line(finding).endswith(" (all 60 elements)")
 
 
 def test_a_dtype_cast_is_equal_within_tolerance() -> None:
     result = check_models(make_upstream(), make_port().to(torch.bfloat16))
     assert result
-    assert result.counts_line() == "19 parameters and buffers compared: 19 equal within tolerance"
+    assert words.counts_line(result) == "19 parameters and buffers compared: 19 equal within tolerance"
     assert result.params[0].detail == "float32 -> bfloat16"

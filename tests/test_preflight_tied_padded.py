@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+import tracediff.render.preflight as words
 from tracediff import TraceConfig
 from tracediff.pipeline.analyse import analyse
 from tracediff.pipeline.runner import trace_model
@@ -164,29 +165,29 @@ def by_upstream(result: PreflightResult, name: str):
 @MODES
 def test_a_tied_head_is_not_missing_in_the_port(traces, param_map) -> None:
     for result, how in zip(results("tied", traces, param_map), ("one tensor", "identical values"), strict=True):
-        assert result, result.summary() + "\n" + "\n".join(p.line() for p in result.weight_findings)
-        assert result.counts_line() == "6 parameters compared: 5 identical, 1 tied"
+        assert result, words.summary(result) + "\n" + "\n".join(words.line(p) for p in result.weight_findings)
+        assert words.counts_line(result) == "6 parameters compared: 5 identical, 1 tied"
         head = by_upstream(result, "head.weight")
         assert (head.status, head.finding, head.failing, head.port) == ("tied", False, False, None)
         # Live models show one tensor under two names; a trace only that the values are identical.
-        assert head.line() == (f"upstream head.weight tied to embed.weight ({how}), which is compared with "
+        assert words.line(head) == (f"upstream head.weight tied to embed.weight ({how}), which is compared with "
                                "port tokens.weight")
-        assert head.line() in result.notes
+        assert words.line(head) in words.notes(result)
         assert by_upstream(result, "embed.weight").port == "tokens.weight"
 
 
 @MODES
 def test_a_table_padded_with_zero_rows_is_a_note(traces, param_map) -> None:
     for result in results("padded", traces, param_map):
-        assert result, result.summary() + "\n" + "\n".join(p.line() for p in result.weight_findings)
-        assert result.counts_line() == "6 parameters compared: 4 identical, 1 padded with zero rows, 1 tied"
+        assert result, words.summary(result) + "\n" + "\n".join(words.line(p) for p in result.weight_findings)
+        assert words.counts_line(result) == "6 parameters compared: 4 identical, 1 padded with zero rows, 1 tied"
         table = by_upstream(result, "embed.weight")
         assert (table.status, table.finding, table.port, table.port_shape) == ("padded", False, "tokens.weight",
                                                                                (PADDED, DIM))
         line = ("tokens.weight padded from 50 to 64 rows with zeros: holds upstream embed.weight's values "
                 "(50×32 -> 64×32)")
-        assert table.line() == line
-        assert line in result.notes
+        assert words.line(table) == line
+        assert line in words.notes(result)
         assert by_upstream(result, "head.weight").status == "tied"
 
 
@@ -206,7 +207,7 @@ def test_a_shifted_row_in_a_padded_table_is_a_finding(traces, param_map) -> None
         (finding,) = result.weight_findings
         assert (finding.upstream, finding.port_label, finding.status) == ("embed.weight", "tokens.weight[0:50]",
                                                                           "permuted")
-        assert finding.line().startswith("tokens.weight[0:50] same values as upstream embed.weight, different "
+        assert words.line(finding).startswith("tokens.weight[0:50] same values as upstream embed.weight, different "
                                          "order (permutation?)")
         assert "port padded from 50 to 64 rows, padding rows zero" in finding.detail
 
@@ -229,7 +230,7 @@ def test_padding_rows_that_are_not_zero_are_a_finding(traces, param_map) -> None
         assert (finding.upstream, finding.port, finding.status) == ("embed.weight", "tokens.weight",
                                                                     "shape_mismatch")
         assert "port padded from 50 to 64 rows: the first 50 rows agree, but the 14 padding rows are not zero" \
-            in finding.line()
+            in words.line(finding)
 
 
 @MODES

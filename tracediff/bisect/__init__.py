@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from tracediff.bisect.drill import BisectError, bisect_models, isolate_models
 from tracediff.bisect.metrics import Metrics
-from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding, OpRef, Source
+from tracediff.bisect.result import BisectResult, Level, ModuleMeasurement, OpFinding, OpRef, Source
 
 __all__ = [
     "BisectError",
     "BisectResult",
     "Level",
     "Metrics",
-    "ModuleError",
+    "ModuleMeasurement",
     "OpFinding",
     "OpRef",
     "Source",

@@ -22,15 +22,16 @@ from typing import Any
 
 from torch import nn
 
+from tracediff.align.aligner import align_models
 from tracediff.align.alignment import Alignment
 from tracediff.bisect.isolate import (
     Autocast,
     CallFn,
+    Hooks,
     Pass,
     Transform,
-    _Hooks,
-    _incompatible,
     describe_autocast,
+    incompatible,
     resolve_transforms,
     run_pass,
 )
@@ -45,19 +46,11 @@ from tracediff.bisect.noise import (
     reference_dtype,
 )
 from tracediff.bisect.ops import is_builtin, module_settings, operator_level
-from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding
-from tracediff.bisect.tree import (
-    ROOT,
-    frontier,
-    is_within,
-    join_name,
-    snapshot,
-    tensor_leaves,
-    to_device_of,
-    top_level,
-)
+from tracediff.bisect.result import BisectResult, Level, ModuleMeasurement, OpFinding
+from tracediff.bisect.tree import frontier, snapshot, tensor_leaves, to_device_of, top_level
 from tracediff.call_context import ContextFn, clone_inputs, default_call, enter, pick, with_context
 from tracediff.errors import TracediffError
+from tracediff.modtree import ROOT, is_within, join_name
 from tracediff.tolerance import DEFAULT_PRESET, PRESETS, Tolerance, preset
 
 #: How an operator-level finding that could not be traced begins its note.
@@ -134,15 +127,11 @@ def bisect_models(
         raise BisectError("step_inputs is empty: nothing to run")
     if step is not None and not 0 <= step < len(all_inputs):
         raise BisectError(f"step {step} is out of range: {len(all_inputs)} step input(s) given")
-    if alignment is None:
-        from tracediff.align.aligner import align_models
-
-        alignment = align_models(upstream, port, mapping=mapping, param_map=param_map)
-    session = _Session(
-        upstream, port, alignment, _tolerance(tolerance),
-        upstream_call=upstream_call or call, port_call=port_call or call,
-        upstream_context=pick(context, upstream_context), port_context=pick(context, port_context),
-        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor, low_memory=low_memory,
+    session = _open_session(
+        upstream, port, alignment=alignment, mapping=mapping, param_map=param_map, tolerance=tolerance, call=call,
+        upstream_call=upstream_call, port_call=port_call, context=context, upstream_context=upstream_context,
+        port_context=port_context, transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor,
+        low_memory=low_memory,
     )
     steps = [step] if step is not None else list(range(len(all_inputs)))
     return session.bisect(all_inputs, steps, operators=operators, max_depth=max_depth)
@@ -154,41 +143,22 @@ def isolate_models(
     inputs: Any,
     *,
     modules: Sequence[str] | None = None,
-    alignment: Alignment | None = None,
-    mapping: Any = None,
-    param_map: Any = None,
-    tolerance: Tolerance | str | None = None,
-    call: CallFn | None = None,
-    upstream_call: CallFn | None = None,
-    port_call: CallFn | None = None,
-    context: ContextFn | None = None,
-    upstream_context: ContextFn | None = None,
-    port_context: ContextFn | None = None,
-    transforms: Mapping[str, Transform] | None = None,
-    noise_floor: bool = False,
-    noise_factor: float = DEFAULT_NOISE_FACTOR,
-    low_memory: bool = False,
+    **options: Any,
 ) -> Level:
     """Local, accumulated and amplification figures of one level of modules, in one step.
 
     Args:
         modules: port module names to isolate (none may contain another); default
             the top level (the blocks and the aligned modules around them).
-        Others: as for :func:`bisect_models`.
+        options: how the models are aligned, called and compared: ``alignment``, ``mapping``,
+            ``param_map``, ``tolerance``, ``call``, ``upstream_call``, ``port_call``, ``context``,
+            ``upstream_context``, ``port_context``, ``transforms``, ``noise_floor``, ``noise_factor``,
+            ``low_memory``, as for :func:`bisect_models`.
 
     Returns:
         The :class:`Level` (``depth`` 0, ``culprit`` the first module that adds error).
     """
-    if alignment is None:
-        from tracediff.align.aligner import align_models
-
-        alignment = align_models(upstream, port, mapping=mapping, param_map=param_map)
-    session = _Session(
-        upstream, port, alignment, _tolerance(tolerance),
-        upstream_call=upstream_call or call, port_call=port_call or call,
-        upstream_context=pick(context, upstream_context), port_context=pick(context, port_context),
-        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor, low_memory=low_memory,
-    )
+    session = _open_session(upstream, port, **options)
     names = list(modules) if modules is not None else session.top_level()
     unknown = [name for name in names if name not in session.aligned]
     if unknown:
@@ -196,6 +166,25 @@ def isolate_models(
                           f"({len(session.aligned)} aligned modules, e.g. {', '.join(list(session.aligned)[:3])})")
     measured = session.measure(inputs, 0, names, [])
     return measured.level(0, ROOT, "", session.passes)
+
+
+def _open_session(
+    upstream: nn.Module, port: nn.Module, *, alignment: Alignment | None = None, mapping: Any = None,
+    param_map: Any = None, tolerance: Tolerance | str | None = None, call: CallFn | None = None,
+    upstream_call: CallFn | None = None, port_call: CallFn | None = None, context: ContextFn | None = None,
+    upstream_context: ContextFn | None = None, port_context: ContextFn | None = None,
+    transforms: Mapping[str, Transform] | None = None, noise_floor: bool = False,
+    noise_factor: float = DEFAULT_NOISE_FACTOR, low_memory: bool = False,
+) -> _Session:
+    """The session both entry points share: the user's options resolved (alignment, tolerance, calls, contexts)."""
+    if alignment is None:
+        alignment = align_models(upstream, port, mapping=mapping, param_map=param_map)
+    return _Session(
+        upstream, port, alignment, _tolerance(tolerance),
+        upstream_call=upstream_call or call, port_call=port_call or call,
+        upstream_context=pick(context, upstream_context), port_context=pick(context, port_context),
+        transforms=transforms, noise_floor=noise_floor, noise_factor=noise_factor, low_memory=low_memory,
+    )
 
 
 def _tolerance(tolerance: Tolerance | str | None) -> Tolerance:
@@ -208,14 +197,14 @@ def _tolerance(tolerance: Tolerance | str | None) -> Tolerance:
 class _Measured:
     """One level measured in one step, with what the operator level may need later."""
 
-    errors: list[ModuleError]
+    errors: list[ModuleMeasurement]
     output: Metrics | None
     output_problem: str
     reference: Pass
     forced: Pass
     output_floor: Metrics | None = None
 
-    def culprit(self) -> ModuleError | None:
+    def culprit(self) -> ModuleMeasurement | None:
         return next((e for e in self.errors if e.drifts), None)
 
     def level(self, depth: int, parent: str, parent_upstream: str, passes: int) -> Level:
@@ -283,12 +272,12 @@ class _Session:
         up_level = [counterpart[name] for name in level]
         up_all = list(dict.fromkeys(counterpart.values()))
         reference = run_pass(self.upstream, self.up_call, clone_inputs(inputs),
-                             _Hooks(self.upstream, record=up_all, capture_inputs=up_level, keep_on=self.keep_on))
-        forced = run_pass(self.port, self.port_call, clone_inputs(inputs), _Hooks(
+                             Hooks(self.upstream, record=up_all, capture_inputs=up_level, keep_on=self.keep_on))
+        forced = run_pass(self.port, self.port_call, clone_inputs(inputs), Hooks(
             self.port, reference=reference.calls, measure=level, force=[*level, *forced_extra],
             force_inputs=level, capture_inputs=level, counterpart=counterpart, transforms=self.transforms,
             tolerance=self.tol, keep_on=self.keep_on))
-        free = run_pass(self.port, self.port_call, clone_inputs(inputs), _Hooks(
+        free = run_pass(self.port, self.port_call, clone_inputs(inputs), Hooks(
             self.port, reference=reference.calls, measure=level, counterpart=counterpart,
             transforms=self.transforms, tolerance=self.tol))
         self.passes += 3
@@ -303,15 +292,15 @@ class _Session:
                 if noise is not None:
                     noise_calls = noise.calls.get(upstream, [])
                     floor = noise_calls[call].local if call < len(noise_calls) else None
-                errors.append(self._module_error(name, upstream, step, call, record, acc, floor))
+                errors.append(self._measurement(name, upstream, step, call, record, acc, floor))
         errors.sort(key=lambda e: e.order)
         output, problem = self._output(free, reference)
         # The model output's own floor: the upstream's free pass against the higher-precision one.
         floor = self._output(reference, precise)[0] if precise is not None else None
         return _Measured(errors, output, problem, reference, forced, floor)
 
-    def _module_error(self, name: str, upstream: str, step: int, call: int, record: Any,
-                      accumulated: Metrics | None, floor: Metrics | None) -> ModuleError:
+    def _measurement(self, name: str, upstream: str, step: int, call: int, record: Any,
+                      accumulated: Metrics | None, floor: Metrics | None) -> ModuleMeasurement:
         local = record.local
         reason = record.reason if local is None else ""
         ratio = None
@@ -323,7 +312,7 @@ class _Session:
             drifts = ratio > self.noise_factor
         else:
             drifts = local.failed
-        return ModuleError(
+        return ModuleMeasurement(
             port=name, upstream=upstream, step=step, call=call, order=record.seq, local=local,
             accumulated=accumulated, noise=floor, reason=reason, inputs_forced=record.inputs_forced,
             input_drift=record.input_drift, transformed=name in self.transforms, drifts=drifts, noise_ratio=ratio,
@@ -335,8 +324,8 @@ class _Session:
         if self._precise is None:
             self._precise = precise_copy(self.upstream, precise_dtype)
         reference = run_pass(self._precise, self.up_call, precise_inputs(inputs, precise_dtype),
-                             _Hooks(self._precise, record=up_all, capture_inputs=up_level, keep_on=self.keep_on))
-        measured = run_pass(self.upstream, self.up_call, clone_inputs(inputs), _Hooks(
+                             Hooks(self._precise, record=up_all, capture_inputs=up_level, keep_on=self.keep_on))
+        measured = run_pass(self.upstream, self.up_call, clone_inputs(inputs), Hooks(
             self.upstream, reference=reference.calls, measure=up_level, force=up_all, force_inputs=up_level,
             tolerance=lambda name: self.tolerance.for_module(None, name), keep_on=self.keep_on))
         self.passes += 2
@@ -354,7 +343,7 @@ class _Session:
 
     def _output(self, free: Pass, reference: Pass) -> tuple[Metrics | None, str]:
         own, theirs = list(tensor_leaves(free.output)), list(tensor_leaves(reference.output))
-        problem = _incompatible(theirs, own)
+        problem = incompatible(theirs, own)
         if problem:
             return None, problem
         tol = self.tolerance.for_module(ROOT, ROOT)
@@ -383,11 +372,11 @@ class _Session:
         path: list[Level] = []
         parent, parent_up = ROOT, ROOT
         parent_measured: _Measured | None = None
-        parent_error: ModuleError | None = None
+        parent_error: ModuleMeasurement | None = None
         forced_extra: list[str] = []
         passes_before = 0
         depth = 0
-        autocasts: list[tuple[ModuleError, Autocast, Autocast]] = []  # per level's culprit: port's, upstream's
+        autocasts: list[tuple[ModuleMeasurement, Autocast, Autocast]] = []  # per level's culprit: port's, upstream's
         while True:
             level = measured.level(depth, parent, parent_up, self.passes - passes_before)
             passes_before = self.passes
@@ -422,27 +411,28 @@ class _Session:
             finding = self._operators(parent_error, parent_measured, inputs)
             if finding is not None and finding.note.startswith(SKIPPED):
                 notes.append(finding.note)
-        culprit, culprit_up, found_in = parent, parent_up, None
+        blamed, blamed_up, found_in = parent, parent_up, None
         if finding is not None and finding.port_op is not None and finding.port_op.module:
             # The first differing operator ran in a child with no counterpart (the operator trace
             # looks through those): that child's forward is the narrowest place to name.
             found_in = parent
-            culprit = join_name(parent, finding.port_op.module)
-            culprit_up = join_name(parent_up, finding.upstream_op.module if finding.upstream_op else "")
+            blamed = join_name(parent, finding.port_op.module)
+            blamed_up = join_name(parent_up, finding.upstream_op.module if finding.upstream_op else "")
         flagged = [s for s in self.suspects if found_in is not None and s.port in self.port_modules
-                   and s.port != parent and is_within(s.port, parent)]
+                   and is_within(s.port, parent, strict=True)]
         if flagged:
             # The aligner could not vouch for a module inside the culprit (its values or its stacked weights
             # contradict its counterpart): that module, not the one the operator trace stopped in, comes first.
             notes.append(f"{flagged[0].port} is an alignment suspect ({flagged[0].reason}); named before "
-                         f"{culprit}, where the first differing operator ran")
-            culprit, culprit_up = flagged[0].port, flagged[0].upstream
-        result = self._result(path, culprit, culprit_up, parent_error, output, output_drifts, step, checked, notes,
+                         f"{blamed}, where the first differing operator ran")
+            blamed, blamed_up = flagged[0].port, flagged[0].upstream
+        result = self._result(path, blamed, blamed_up, parent_error, output, output_drifts, step, checked, notes,
                               finding)
         result.found_in = found_in
         return result
 
-    def _operators(self, culprit: ModuleError | None, measured: _Measured | None, inputs: Any) -> OpFinding | None:
+    def _operators(self, culprit: ModuleMeasurement | None, measured: _Measured | None,
+                   inputs: Any) -> OpFinding | None:
         port_name = culprit.port if culprit else ROOT
         up_name = culprit.upstream if culprit else ROOT
         port_module, up_module = self.port_modules[port_name], self.up_modules[up_name]
@@ -510,7 +500,7 @@ class _Session:
                 note=f"{SKIPPED}: {port_name or 'the model'} (upstream {up_name or 'the model'}) could not be re-run "
                      f"alone on its captured inputs: {type(exc).__name__}: {message}".rstrip(": "))
 
-    def _result(self, path: list[Level], culprit: str | None, culprit_up: str | None, error: ModuleError | None,
+    def _result(self, path: list[Level], culprit: str | None, culprit_up: str | None, error: ModuleMeasurement | None,
                 output: Metrics | None, output_drifts: bool, step: int, checked: int, notes: list[str],
                 finding: OpFinding | None = None) -> BisectResult:
         return BisectResult(
@@ -524,10 +514,10 @@ class _Session:
 def _child_keys(modules: Mapping[str, nn.Module], parent: str, keys: Mapping[str, str]) -> dict[str, str]:
     """Descendants of ``parent`` that have a counterpart, by name relative to ``parent``, with a shared key."""
     prefix = f"{parent}." if parent else ""
-    return {name[len(prefix):]: keys[name] for name in modules if is_within(name, parent) and name in keys}
+    return {name[len(prefix):]: keys[name] for name in modules if is_within(name, parent, strict=True) and name in keys}
 
 
-def _autocasts(measured: _Measured, error: ModuleError) -> tuple[Autocast, Autocast]:
+def _autocasts(measured: _Measured, error: ModuleMeasurement) -> tuple[Autocast, Autocast]:
     """The autocast the port module and its upstream counterpart were called under, in that call."""
     port = measured.forced.calls.get(error.port, [])
     upstream = measured.reference.calls.get(error.upstream, [])
@@ -535,7 +525,7 @@ def _autocasts(measured: _Measured, error: ModuleError) -> tuple[Autocast, Autoc
             upstream[error.call].autocast if error.call < len(upstream) else ())
 
 
-def _note_autocast(autocasts: list[tuple[ModuleError, Autocast, Autocast]], notes: list[str]) -> None:
+def _note_autocast(autocasts: list[tuple[ModuleMeasurement, Autocast, Autocast]], notes: list[str]) -> None:
     """Name the first culprit on the path called under another autocast than upstream's, and where it starts."""
     for depth, (error, port, upstream) in enumerate(autocasts):
         if port == upstream:

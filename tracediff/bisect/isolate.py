@@ -81,7 +81,7 @@ class Pass:
     calls: dict[str, list[CallRecord]] = field(default_factory=dict)
 
 
-class _Hooks:
+class Hooks:
     """Forward hooks on a set of modules of one model for one pass; removed on exit.
 
     Args:
@@ -132,7 +132,7 @@ class _Hooks:
         self._seq = 0
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _Hooks:
+    def __enter__(self) -> Hooks:
         names = self.record | self.capture | self.measure | self.force | self.force_inputs
         modules = dict(self.model.named_modules())
         for name in sorted(names):
@@ -166,7 +166,7 @@ class _Hooks:
             if ref is not None and ref.inputs is not None:
                 own = list(tensor_leaves((args, kwargs)))
                 theirs = _on_devices_of(list(tensor_leaves(ref.inputs)), own)
-                if not _incompatible(theirs, own):
+                if not incompatible(theirs, own):
                     tol = self.tolerance(name)
                     record.input_drift = combine([compare(o, t, tol) for o, t in zip(own, theirs, strict=True)])
                     replaced = replace_leaves((args, kwargs), iter(_cast_like(theirs, own)))
@@ -197,7 +197,7 @@ class _Hooks:
                 expected = transform(expected)
             own = list(tensor_leaves(output))
             theirs = _on_devices_of(list(tensor_leaves(expected)), own)
-            problem = _incompatible(theirs, own)
+            problem = incompatible(theirs, own)
             if problem:
                 record.reason = problem
                 return None
@@ -211,7 +211,7 @@ class _Hooks:
         return hook
 
 
-def _incompatible(reference: list[torch.Tensor], own: list[torch.Tensor]) -> str:
+def incompatible(reference: list[torch.Tensor], own: list[torch.Tensor]) -> str:
     """Why ``reference`` cannot stand in for ``own`` (empty string when it can)."""
     if len(reference) != len(own):
         return f"upstream gives {len(reference)} tensor(s) [{shapes(reference)}], the port {len(own)} [{shapes(own)}]"
@@ -285,7 +285,7 @@ def describe_autocast(state: Autocast) -> str:
     return " and ".join(f"torch.autocast({device!r}, dtype={dtype})" for device, dtype in state)
 
 
-def run_pass(model: nn.Module, call: CallFn, inputs: Any, hooks: _Hooks) -> Pass:
+def run_pass(model: nn.Module, call: CallFn, inputs: Any, hooks: Hooks) -> Pass:
     """One forward pass under ``hooks``; the model output is cloned."""
     with hooks, torch.no_grad():
         output = call(model, inputs)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tracediff.results import finite_or_none
 from tracediff.tolerance import Tolerance
 
 
@@ -46,12 +47,13 @@ class Metrics:
     def failed(self) -> bool:
         return self.ratio > 1.0
 
-    def to_dict(self) -> dict[str, float | int | None]:
+    def to_json(self) -> dict[str, float | int | None]:
+        """JSON has no NaN or Infinity: like the first-drift report, they become ``null``."""
         return {
-            "ratio": _clean(self.ratio),
-            "rel_l2": _clean(self.rel_l2),
-            "max_abs": _clean(self.max_abs),
-            "cosine": _clean(self.cosine),
+            "ratio": finite_or_none(self.ratio),
+            "rel_l2": finite_or_none(self.rel_l2),
+            "max_abs": finite_or_none(self.max_abs),
+            "cosine": finite_or_none(self.cosine),
             "numel": self.numel,
         }
 
@@ -130,8 +132,3 @@ def combine(items: list[Metrics]) -> Metrics:
 def _as_real(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _clean(value: float) -> float | None:
-    """JSON has no NaN or Infinity; like the first-drift report, they become ``null``."""
-    return float(value) if math.isfinite(value) else None

@@ -40,8 +40,9 @@ import itertools
 import linecache
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -51,7 +52,9 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from tracediff.bisect.isolate import Autocast, autocast_as, device_types
 from tracediff.bisect.metrics import Metrics, compare
 from tracediff.bisect.result import OpFinding, OpRef, Source
-from tracediff.bisect.tree import is_container, is_within, tensor_leaves
+from tracediff.bisect.tree import is_container, tensor_leaves
+from tracediff.hooks.flatten import iter_inputs
+from tracediff.modtree import is_within
 from tracediff.tolerance import Tolerance
 
 #: Elements of operator outputs kept per side; outputs beyond it are recorded without values.
@@ -249,8 +252,6 @@ def trace_ops(
 
 
 def _input_labels(inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Iterator[str]:
-    from tracediff.hooks.flatten import iter_inputs
-
     for label, _ in iter_inputs(*inputs):
         yield label
 
@@ -263,8 +264,8 @@ def find_first_difference(
     upstream_nodes: list[_Node],
     tolerance: Tolerance,
     *,
-    port_outputs: list[int] = (),  # type: ignore[assignment]
-    upstream_outputs: list[int] = (),  # type: ignore[assignment]
+    port_outputs: Sequence[int] = (),
+    upstream_outputs: Sequence[int] = (),
     module: str = "",
     upstream_module: str = "",
 ) -> OpFinding:
@@ -304,7 +305,7 @@ def find_first_difference(
         for cand in sorted(related, key=lambda u: u.index in taken) + others:
             if _quick_reject(node, cand, tolerance, sorted_values):
                 continue
-            if best_match(node.value, cand.value, tolerance).ratio <= 1.0:  # type: ignore[arg-type]
+            if cand.value is not None and best_match(node.value, cand.value, tolerance).ratio <= 1.0:
                 hit = cand
                 break
         if hit is not None:
@@ -336,7 +337,7 @@ def find_first_difference(
 
 
 def _output_difference(
-    port_nodes: list[_Node], upstream_nodes: list[_Node], port_outputs: list[int], upstream_outputs: list[int],
+    port_nodes: list[_Node], upstream_nodes: list[_Node], port_outputs: Sequence[int], upstream_outputs: Sequence[int],
     tolerance: Tolerance,
 ) -> tuple[_Node, _Node] | None:
     """Fallback: the module's own outputs, when they differ and nothing earlier was found."""
@@ -468,13 +469,13 @@ def _family(short: str) -> str:
 
 def _source() -> Source | None:
     """The innermost stack frame outside torch and tracediff.bisect: the user's line."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<"):
             code = linecache.getline(filename, frame.f_lineno).strip()
             return Source(filename, frame.f_lineno, frame.f_code.co_name, code)
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return None
 
 
@@ -544,7 +545,7 @@ def operator_level(
     blamed = [ref for ref in (finding.port_op, *finding.suspects) if ref is not None]
     suspected = {nodes[ref.index].child for ref in blamed} & port_open
     if suspected:
-        inside = frozenset(name for name in port_open if any(name == s or is_within(name, s) for s in suspected))
+        inside = frozenset(name for name in port_open if any(is_within(name, s, strict=False) for s in suspected))
         deeper, _ = compare(inside, look_through(upstream_module, upstream_keys or {}))
         if deeper.port_op is not None:
             finding = deeper

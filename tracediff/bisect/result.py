@@ -1,7 +1,7 @@
 """What bisection found: per-module local errors, the levels it drilled through, the operator.
 
-Plain data classes; :mod:`tracediff.render.bisect` renders them and every
-decision was made by :mod:`tracediff.bisect.drill`.
+Plain data classes; :mod:`tracediff.render.bisect` puts them into words and
+every decision was made by :mod:`tracediff.bisect.drill`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracediff.bisect.metrics import Metrics
+from tracediff.preflight.result import PreflightResult
+from tracediff.results import json_ready
 from tracediff.tolerance import Tolerance
 
 
 @dataclass(frozen=True)
-class ModuleError:
-    """One aligned module call, measured three ways.
+class ModuleMeasurement:
+    """One aligned module call, measured three ways: its local, accumulated and noise-floor errors.
 
     Attributes:
         port, upstream: module names on each side.
@@ -65,8 +67,8 @@ class ModuleError:
             return math.inf if acc > 0 else 1.0
         return acc / local
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        return json_ready({
             "port": self.port,
             "upstream": self.upstream,
             "step": self.step,
@@ -74,15 +76,15 @@ class ModuleError:
             "isolatable": self.isolatable,
             "reason": self.reason or None,
             "drifts": self.drifts,
-            "local": self.local.to_dict() if self.local else None,
-            "accumulated": self.accumulated.to_dict() if self.accumulated else None,
-            "amplification": _clean(self.amplification),
-            "noise": self.noise.to_dict() if self.noise else None,
-            "noise_ratio": _clean(self.noise_ratio),
+            "local": self.local,
+            "accumulated": self.accumulated,
+            "amplification": self.amplification,
+            "noise": self.noise,
+            "noise_ratio": self.noise_ratio,
             "inputs_forced": self.inputs_forced,
-            "input_drift": self.input_drift.to_dict() if self.input_drift else None,
+            "input_drift": self.input_drift,
             "transformed": self.transformed,
-        }
+        })
 
 
 @dataclass
@@ -102,20 +104,20 @@ class Level:
     parent: str
     parent_upstream: str
     step: int
-    modules: list[ModuleError]
-    culprit: ModuleError | None
+    modules: list[ModuleMeasurement]
+    culprit: ModuleMeasurement | None
     forward_passes: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        return json_ready({
             "depth": self.depth,
             "parent": self.parent,
             "parent_upstream": self.parent_upstream,
             "step": self.step,
             "culprit": self.culprit.port if self.culprit else None,
             "forward_passes": self.forward_passes,
-            "modules": [m.to_dict() for m in self.modules],
-        }
+            "modules": self.modules,
+        })
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,6 @@ class Source:
     function: str
     code: str
 
-    def short(self) -> str:
-        return f"{_tail(self.file)}:{self.line} in {self.function}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "function": self.function, "code": self.code}
 
 
 @dataclass(frozen=True)
@@ -146,15 +143,15 @@ class OpRef:
     #: the child with no counterpart it ran in, relative to the traced module ("" = the module's own code)
     module: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        return json_ready({
             "index": self.index,
             "op": self.name,
-            "shape": list(self.shape),
+            "shape": self.shape,
             "dtype": self.dtype,
-            "source": self.source.to_dict() if self.source else None,
+            "source": self.source,
             "module": self.module,
-        }
+        })
 
 
 @dataclass
@@ -188,21 +185,21 @@ class OpFinding:
     note: str = ""
     settings: tuple[str, str] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        return json_ready({
             "module": self.module,
             "upstream_module": self.upstream_module,
-            "port_op": self.port_op.to_dict() if self.port_op else None,
-            "upstream_op": self.upstream_op.to_dict() if self.upstream_op else None,
-            "metrics": self.metrics.to_dict() if self.metrics else None,
-            "last_match": [r.to_dict() for r in self.last_match] if self.last_match else None,
-            "suspects": [s.to_dict() for s in self.suspects],
+            "port_op": self.port_op,
+            "upstream_op": self.upstream_op,
+            "metrics": self.metrics,
+            "last_match": self.last_match or None,
+            "suspects": self.suspects,
             "port_ops": self.port_ops,
             "upstream_ops": self.upstream_ops,
             "matched": self.matched,
             "note": self.note or None,
             "settings": {"port": self.settings[0], "upstream": self.settings[1]} if self.settings else None,
-        }
+        })
 
 
 @dataclass
@@ -237,7 +234,7 @@ class BisectResult:
     path: list[Level]
     culprit: str | None
     culprit_upstream: str | None
-    culprit_error: ModuleError | None
+    culprit_error: ModuleMeasurement | None
     operator: OpFinding | None
     output: Metrics | None
     output_drifts: bool
@@ -250,29 +247,20 @@ class BisectResult:
     notes: list[str] = field(default_factory=list)
     output_floor: Metrics | None = None
     found_in: str | None = None
-    preflight: Any = None
-
-    @property
-    def likely_cause(self) -> str | None:
-        """The pre-flight finding that explains the culprit, if the pre-flight ran and has one."""
-        if self.preflight is None or self.culprit is None:
-            return None
-        return self.preflight.likely_cause(self.culprit, self.step)
+    preflight: PreflightResult | None = None
 
     def __bool__(self) -> bool:
         return self.culprit is None and not self.output_drifts
 
     @property
-    def chain(self) -> list[ModuleError]:
+    def chain(self) -> list[ModuleMeasurement]:
         """The culprit of each level, top first: the path from the model root to the culprit."""
         return [level.culprit for level in self.path if level.culprit is not None]
 
-    def to_dict(self) -> dict[str, Any]:
-        from tracediff.render.bisect import headline
-
+    def to_json(self) -> dict[str, Any]:
+        """Every figure as plain data (:func:`tracediff.render.bisect.to_json` adds the words)."""
         return {
             "ok": bool(self),
-            "headline": headline(self),
             "culprit": self.culprit,
             "culprit_upstream": self.culprit_upstream,
             "found_in": self.found_in,
@@ -280,26 +268,15 @@ class BisectResult:
             "steps_checked": self.steps_checked,
             "forward_passes": self.forward_passes,
             "module_calls": self.module_calls,
-            "tolerance": self.tolerance.to_dict(),
+            "tolerance": self.tolerance.to_dict(),  # as the user gave it, an infinite limit included
             "noise_floor": self.noise_floor,
             "noise_factor": self.noise_factor if self.noise_floor else None,
-            "output": self.output.to_dict() if self.output else None,
+            "output": json_ready(self.output),
             "output_drifts": self.output_drifts,
-            "output_floor": self.output_floor.to_dict() if self.output_floor else None,
-            "path": [m.to_dict() for m in self.chain],
-            "levels": [level.to_dict() for level in self.path],
-            "operator": self.operator.to_dict() if self.operator else None,
+            "output_floor": json_ready(self.output_floor),
+            "path": json_ready(self.chain),
+            "levels": json_ready(self.path),
+            "operator": json_ready(self.operator),
             "notes": self.notes,
-            "preflight": (self.preflight.to_dict(first_drift_port=self.culprit, first_drift_step=self.step)
-                          if self.preflight is not None and self.culprit is not None
-                          else self.preflight.to_dict() if self.preflight is not None else None),
+            "preflight": json_ready(self.preflight),
         }
-
-
-def _tail(path: str, parts: int = 2) -> str:
-    pieces = path.replace("\\", "/").split("/")
-    return "/".join(pieces[-parts:])
-
-
-def _clean(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)

@@ -18,22 +18,7 @@ import torch
 from torch import nn
 
 from tracediff.hooks.flatten import MAX_DEPTH
-
-ROOT = ""
-
-
-def is_within(name: str, ancestor: str) -> bool:
-    """Whether ``name`` is strictly below ``ancestor`` in the module tree (``""`` is the root)."""
-    if ancestor == ROOT:
-        return name != ROOT
-    return name.startswith(ancestor + ".")
-
-
-def join_name(parent: str, child: str) -> str:
-    """A descendant's full name from its parent's and its name relative to the parent (``""`` = the parent)."""
-    if not child:
-        return parent
-    return f"{parent}.{child}" if parent else child
+from tracediff.modtree import ROOT, ancestors, is_within, join_name
 
 
 def is_container(module: nn.Module) -> bool:
@@ -54,17 +39,11 @@ def frontier(modules: Mapping[str, nn.Module], aligned: Mapping[str, str], withi
     """
     candidates = [
         name for name in modules
-        if is_within(name, within) and name in aligned and not is_container(modules[name])
+        if is_within(name, within, strict=True) and name in aligned and not is_container(modules[name])
     ]
     chosen = set(candidates)
-    return [name for name in candidates if not any(a in chosen for a in _ancestors(name, within))]
-
-
-def _ancestors(name: str, within: str) -> list[str]:
-    """Module names strictly between ``within`` and ``name``."""
-    parts = name.split(".")
-    out = [".".join(parts[:i]) for i in range(1, len(parts))]
-    return [a for a in out if is_within(a, within)]
+    # every candidate lies below ``within``, so an ancestor in ``chosen`` lies between the two
+    return [name for name in candidates if not any(a in chosen for a in ancestors(name))]
 
 
 def blocks_list(modules: Mapping[str, nn.Module], aligned: Mapping[str, str]) -> str | None:
@@ -73,8 +52,7 @@ def blocks_list(modules: Mapping[str, nn.Module], aligned: Mapping[str, str]) ->
     for name, module in modules.items():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
-        prefix = f"{name}." if name else ""
-        count = sum(1 for child, _ in module.named_children() if f"{prefix}{child}" in aligned)
+        count = sum(1 for child, _ in module.named_children() if join_name(name, child) in aligned)
         if count > best_count:
             best, best_count = name, count
     return best
@@ -96,7 +74,7 @@ def top_level(modules: Mapping[str, nn.Module], aligned: Mapping[str, str]) -> l
         changed = False
         expanded: list[str] = []
         for name in level:
-            if name == blocks or is_within(blocks, name):
+            if is_within(blocks, name, strict=False):
                 expanded.extend(frontier(modules, aligned, name))
                 changed = True
             else:
@@ -145,16 +123,16 @@ def replace_leaves(obj: Any, new: Iterator[torch.Tensor], _depth: int = 0) -> An
             return type(obj)(*items)
         return tuple(items) if type(obj) is tuple else type(obj)(items)
     if isinstance(obj, Mapping):
-        out = copy.copy(obj)
+        mapping: Any = copy.copy(obj)  # its own type (a dict subclass, an OrderedDict), filled in below
         for key, value in obj.items():
-            out[key] = replace_leaves(value, new, _depth + 1)  # type: ignore[index]
-        return out
+            mapping[key] = replace_leaves(value, new, _depth + 1)
+        return mapping
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = copy.copy(obj)
+        instance = copy.copy(obj)
         for item in dataclasses.fields(obj):
             value = getattr(obj, item.name, None)
-            object.__setattr__(out, item.name, replace_leaves(value, new, _depth + 1))
-        return out
+            object.__setattr__(instance, item.name, replace_leaves(value, new, _depth + 1))
+        return instance
     return obj
 
 

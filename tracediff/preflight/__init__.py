@@ -9,7 +9,7 @@ Public API:
     check_models: weights of two live models, exactly (no forward pass).
     check_traces: weights (from the module tables' fingerprints, or from live models
         when given) and inputs (the root module's ``input.*`` records) of two traces.
-    PreflightResult: truthy when clean; carries every verdict, counts and the likely cause.
+    PreflightResult: truthy when clean; carries every verdict, the counts and the finding behind a drift.
 
 Views (terminal and JSON) are in :mod:`tracediff.render.preflight`.
 
@@ -22,21 +22,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tracediff.align.aligner import align, align_sides
+from tracediff.align.alignment import Alignment
+from tracediff.align.parammap import load_param_map, validate_param_map
+from tracediff.align.side import side_from_model
 from tracediff.errors import AlignmentError
+from tracediff.modtree import join_name
 from tracediff.preflight.inputs import check_inputs
 from tracediff.preflight.params import ParamSide, pair_params
-from tracediff.preflight.result import (
-    PARAM_STATUSES,
-    InputCheck,
-    ParamCheck,
-    PreflightResult,
-)
+from tracediff.preflight.result import PARAM_STATUSES, InputCheck, ParamCheck, PreflightResult
+from tracediff.store.jsonl import FORMAT_NAME
+from tracediff.store.trace import ModuleTable, Trace
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from tracediff.align.alignment import Alignment
-    from tracediff.store.trace import ModuleTable, Trace
 
 __all__ = [
     "PARAM_STATUSES",
@@ -82,9 +81,6 @@ def check_models(
     Raises:
         AlignmentError: the mapping or parameter map is invalid.
     """
-    from tracediff.align.aligner import align_sides
-    from tracediff.align.side import side_from_model
-
     table_map = _param_map(param_map)
     notes: list[str] = []
     # One fingerprint pass per model serves both the aligner and the pairing.
@@ -134,8 +130,6 @@ def check_traces(
                      "tables hold one rank's shards")
     elif weights_checked:
         if alignment is None:
-            from tracediff.align.aligner import align
-
             alignment = _aligned(lambda pm: align(upstream, port, mapping=mapping, param_map=pm), param_map, notes)
         if models is not None:
             up_side = _live_side(models[0], "upstream", upstream.modules)
@@ -149,13 +143,11 @@ def check_traces(
     inputs, inputs_checked, input_notes = check_inputs(upstream, port)
     return PreflightResult(params=params, inputs=inputs, source="models" if models is not None else "traces",
                            weights_checked=weights_checked, inputs_checked=inputs_checked,
-                           notes=notes + input_notes, unaligned_port=_unaligned(alignment, params))
+                           notes=notes, input_notes=input_notes, unaligned_port=_unaligned(alignment, params))
 
 
 def has_module_table(trace: Trace) -> bool:
     """Whether a trace carries the recorder's module table (a FastVideo JSONL import only names modules)."""
-    from tracediff.store.jsonl import FORMAT_NAME
-
     return bool(trace.modules.names) and trace.meta.get("format") != FORMAT_NAME
 
 
@@ -170,8 +162,6 @@ def _unaligned(alignment: Alignment | None, params: list[ParamCheck]) -> frozens
 def _param_map(param_map: ParamMapArg) -> dict[str, Any] | None:
     if param_map is None:
         return None
-    from tracediff.align.parammap import load_param_map, validate_param_map
-
     if isinstance(param_map, Mapping):
         return validate_param_map(param_map, origin="param map")
     return load_param_map(param_map)
@@ -202,7 +192,7 @@ def _live_side(model: nn.Module, label: str, table: ModuleTable | None = None) -
         table: the model's module table if already built (by the aligner or the
             recorder); rebuilt when its parameters do not line up with the model's.
     """
-    from tracediff.hooks.fingerprint import build_module_table
+    from tracediff.hooks.fingerprint import build_module_table  # keeps torch off the trace-only path
 
     saved = set(model.state_dict(keep_vars=True))
     tensors, owned, persistent = [], [], []
@@ -213,7 +203,7 @@ def _live_side(model: nn.Module, label: str, table: ModuleTable | None = None) -
                 if tensor is not None:
                     tensors.append(tensor.detach())
                     owned.append((index, name, kind, tuple(tensor.shape)))
-                    persistent.append((f"{prefix}.{name}" if prefix else name) in saved)
+                    persistent.append(join_name(prefix, name) in saved)
     known = [(p.module_index, p.name, p.kind, tuple(p.shape)) for p in table.params] if table is not None else None
     if table is None or known != owned:
         table = build_module_table(model)

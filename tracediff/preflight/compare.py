@@ -28,6 +28,18 @@ from typing import Any
 
 import numpy as np
 
+from tracediff.moments import (
+    ABS_SUM,
+    MAX,
+    MIN,
+    SUM,
+    SUMSQ,
+    moments_close,
+    sample_positions,
+    scaled_moments,
+    stack_moments,
+    zero_padded_moments,
+)
 from tracediff.store.trace import FINGERPRINT_SAMPLE
 
 #: Relative tolerance when both sides keep the same dtype (reduction order only).
@@ -46,9 +58,6 @@ DTYPE_RTOL: dict[str, float] = {
 }
 #: How constant a ratio must be to call a tensor "scaled" (relative spread).
 SCALE_RTOL = 1e-4
-
-_SUM, _ABS, _SQ, _MIN, _MAX, _NAN, _INF = range(7)
-
 
 @dataclass(frozen=True)
 class Fingerprint:
@@ -87,13 +96,6 @@ def pair_rtol(dtype_a: str, dtype_b: str, override: float | None = None) -> floa
     return max(DTYPE_RTOL.get(dtype_a, SAME_DTYPE_RTOL), DTYPE_RTOL.get(dtype_b, SAME_DTYPE_RTOL), SAME_DTYPE_RTOL)
 
 
-def sample_positions(numel: int, size: int = FINGERPRINT_SAMPLE) -> np.ndarray:
-    """Flat positions of a fingerprint sample (numpy twin of :func:`tracediff.hooks.stats.sample_positions`)."""
-    if numel <= size:
-        return np.arange(numel, dtype=np.int64)
-    return np.arange(size, dtype=np.int64) * numel // size
-
-
 # -- fingerprints ------------------------------------------------------------------------
 
 
@@ -107,36 +109,36 @@ def compare_fingerprints(up: Fingerprint, port: Fingerprint, *, rtol: float | No
     """
     tol = pair_rtol(up.dtype, port.dtype, rtol)
     same_dtype = up.dtype == port.dtype
-    moments_close = _moments_close(up.moments, port.moments, tol)
+    moments_agree = moments_close(up.moments, port.moments, tol)
     dtype_note = "" if same_dtype else f"{up.dtype} -> {port.dtype}"
     if up.shape == port.shape:
-        if same_dtype and _same_values(up.sample, port.sample) and _moments_close(up.moments, port.moments,
+        if same_dtype and _same_values(up.sample, port.sample) and moments_close(up.moments, port.moments,
                                                                                     SAME_DTYPE_RTOL):
             return Verdict("identical")
-        if moments_close and _samples_close(up.sample, port.sample, tol):
-            max_abs, rel = _sample_errors(up.sample, port.sample)
+        if moments_agree and _samples_close(up.sample, port.sample, tol):
+            max_abs, rel = sample_errors(up.sample, port.sample)
             return Verdict("close", max_abs, rel, detail=dtype_note)
-        if len(up.shape) == 2 and up.shape[0] == up.shape[1] and moments_close \
+        if len(up.shape) == 2 and up.shape[0] == up.shape[1] and moments_agree \
                 and _samples_close(up.sample_t, port.sample, tol):
             return Verdict("transposed", detail=dtype_note)
         scale = _sample_scale(up.sample, port.sample, up.moments, port.moments)
-        max_abs, rel = _sample_errors(up.sample, port.sample)
+        max_abs, rel = sample_errors(up.sample, port.sample)
         if scale is not None:
             return Verdict("scaled", max_abs, rel, scale=scale)
-        if moments_close:
+        if moments_agree:
             return Verdict("permuted", detail="equal moments, different sampled values")
         if _same_values(up.sample, port.sample) or _samples_close(up.sample, port.sample, tol):
             return Verdict("different", None, None, detail="the sampled values agree but the moments differ: "
-                           + _moments_delta(up.moments, port.moments))
+                           + moments_delta(up.moments, port.moments))
         return Verdict("different", max_abs, rel)
     if len(up.shape) == 2 and port.shape == up.shape[::-1]:
-        if moments_close and _samples_close(up.sample_t, port.sample, tol):
+        if moments_agree and _samples_close(up.sample_t, port.sample, tol):
             return Verdict("transposed", detail=dtype_note)
         return Verdict("shape_mismatch", detail="transposed shape, but not upstream's values transposed")
     if up.numel == port.numel:
-        if moments_close and _samples_close(up.sample, port.sample, tol):
+        if moments_agree and _samples_close(up.sample, port.sample, tol):
             return Verdict("reshaped", detail=dtype_note)
-        if moments_close:
+        if moments_agree:
             return Verdict("shape_mismatch", detail="same values, different shape and order")
     return Verdict("shape_mismatch")
 
@@ -149,7 +151,7 @@ def holds_same_values(up: Fingerprint, port: Fingerprint, *, rtol: float | None 
     if up.numel != port.numel:
         return False
     tol = pair_rtol(up.dtype, port.dtype, rtol)
-    if not _moments_close(up.moments, port.moments, tol):
+    if not moments_close(up.moments, port.moments, tol):
         return False
     if _samples_close(up.sample, port.sample, tol):
         return True
@@ -180,11 +182,11 @@ def compare_fused(pieces: list[Fingerprint], fused: Fingerprint, *, rtol: float 
     tol = pair_rtol(pieces[0].dtype, fused.dtype, rtol)
     where = f"slice of fused {fused_name}" if fused_name else "slice of the fused tensor"
     starts = np.cumsum([0, *[p.numel for p in pieces]])
-    fused_positions = sample_positions(fused.numel).tolist()
+    fused_positions = sample_positions(fused.numel, FINGERPRINT_SAMPLE).tolist()
     found: list[tuple[np.ndarray, np.ndarray]] = []
     for k, piece in enumerate(pieces):
         start, stop = int(starts[k]), int(starts[k + 1])
-        own = {int(q): i for i, q in enumerate(sample_positions(piece.numel))}
+        own = {int(q): i for i, q in enumerate(sample_positions(piece.numel, FINGERPRINT_SAMPLE))}
         mine = [piece.sample[own[f - start]] for f in fused_positions if start <= f < stop and (f - start) in own]
         theirs = [fused.sample[slot] for slot, f in enumerate(fused_positions)
                   if start <= f < stop and (f - start) in own]
@@ -204,15 +206,15 @@ def compare_fused(pieces: list[Fingerprint], fused: Fingerprint, *, rtol: float 
     traded = is_permutation({k: holds[k] for k in swapped})
     if traded:
         # Pieces trading places leave the sums unchanged: the moments still confirm the rest.
-        consistent = _moments_close(_stack_moments(np.stack([p.moments for p in pieces])), fused.moments, tol)
+        consistent = moments_close(stack_moments(np.stack([p.moments for p in pieces])), fused.moments, tol)
     else:
-        consistent = all(f is not None for f in factors) and _moments_close(
-            _stack_moments(np.stack([_scaled_moments(p.moments, f) for p, f in zip(pieces, factors, strict=True)])),
+        consistent = all(f is not None for f in factors) and moments_close(
+            stack_moments(np.stack([scaled_moments(p.moments, f) for p, f in zip(pieces, factors, strict=True)])),
             fused.moments, tol)
     out = []
     for k, ((a, b), factor) in enumerate(zip(found, factors, strict=True)):
         checked = f"{len(a)} sampled value{'s' if len(a) != 1 else ''} checked"
-        max_abs, rel = _sample_errors(a, b) if len(a) else (None, None)
+        max_abs, rel = sample_errors(a, b) if len(a) else (None, None)
         if factor == 1.0 and consistent:
             identical = pieces[k].dtype == fused.dtype and _same_values(a, b)
             detail = f"{where}; {checked}, moments add up"
@@ -220,18 +222,19 @@ def compare_fused(pieces: list[Fingerprint], fused: Fingerprint, *, rtol: float 
                                                                                       detail=detail))
         elif factor == 1.0:
             out.append(Verdict("unverified", detail=f"{where}: its {checked} agree, but the pieces' moments do not "
-                               "add up to the fused tensor's (" + _moments_delta(
-                                   _stack_moments(np.stack([p.moments for p in pieces])), fused.moments) + ")"))
+                               "add up to the fused tensor's (" + moments_delta(
+                                   stack_moments(np.stack([p.moments for p in pieces])), fused.moments) + ")"))
         elif factor is not None:
             confirmed = "moments add up" if consistent else "moments do not confirm it"
             out.append(Verdict("scaled", max_abs, rel, scale=factor, detail=f"{where}; {checked}, {confirmed}"))
         elif len(a) and traded:
             out.append(Verdict("swapped", max_abs, rel, detail=f"{where}; {checked}", holds=holds[k]))
         elif len(a):
-            what = f"; it holds {piece_names[holds[k]]}'s values (pieces swapped?)" if (
-                holds[k] is not None and piece_names) else ""
+            held = holds[k]
+            what = f"; it holds {piece_names[held]}'s values (pieces swapped?)" if (
+                held is not None and piece_names) else ""
             out.append(Verdict("different", max_abs, rel, detail=f"{where}; {checked}{what}"))
-        elif _moments_close(_stack_moments(np.stack([p.moments for p in pieces])), fused.moments, tol):
+        elif moments_close(stack_moments(np.stack([p.moments for p in pieces])), fused.moments, tol):
             out.append(Verdict("unverified", detail=f"{where}: the pieces' moments add up to the fused tensor's, "
                                "but no sampled value falls in this piece to confirm its place"))
         else:
@@ -259,25 +262,12 @@ def _holds_other_piece(pieces: list[Fingerprint], fused: Fingerprint, k: int, st
     for j, other in enumerate(pieces):
         if j == k or other.shape != pieces[k].shape:
             continue
-        own = {int(q): i for i, q in enumerate(sample_positions(other.numel))}
+        own = {int(q): i for i, q in enumerate(sample_positions(other.numel, FINGERPRINT_SAMPLE))}
         hits = [(other.sample[own[f - start]], fused.sample[slot]) for slot, f in enumerate(fused_positions)
                 if start <= f < stop and (f - start) in own]
         if hits and _samples_close(np.asarray([h[0] for h in hits]), np.asarray([h[1] for h in hits]), tol):
             return j
     return None
-
-
-def _scaled_moments(moments: np.ndarray, factor: float | None) -> np.ndarray:
-    """Moments of ``factor * x`` from those of ``x``."""
-    out = moments.copy()
-    if factor is None or factor == 1.0:
-        return out
-    out[_SUM] *= factor
-    out[_ABS] *= abs(factor)
-    out[_SQ] *= factor * factor
-    low, high = moments[_MIN] * factor, moments[_MAX] * factor
-    out[_MIN], out[_MAX] = min(low, high), max(low, high)
-    return out
 
 
 # -- tensors -----------------------------------------------------------------------------
@@ -293,7 +283,7 @@ def compare_tensors(up: Any, port: Any, *, rtol: float | None = None) -> Verdict
     """
     import torch
 
-    from tracediff.hooks.stats import value_view
+    from tracediff.hooks.stats import value_view  # with torch: only live models need them
 
     up_dtype, port_dtype = _dtype_name(up.dtype), _dtype_name(port.dtype)
     tol = pair_rtol(up_dtype, port_dtype, rtol)
@@ -338,7 +328,7 @@ def tensors_close(up: Any, port: Any, *, rtol: float | None = None) -> bool:
     """
     import torch
 
-    from tracediff.hooks.stats import value_view
+    from tracediff.hooks.stats import value_view  # with torch: only live models need them
 
     if tuple(up.shape) != tuple(port.shape):
         return False
@@ -427,7 +417,7 @@ def _samples_close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
     return bool(np.all(np.abs(vb - va) <= rtol * np.abs(va) + floor + 1e-300))
 
 
-def _sample_errors(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float | None]:
+def sample_errors(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float | None]:
     both = ~np.isnan(a) & ~np.isnan(b)
     if a.shape != b.shape or not both.any():
         return None, None
@@ -462,44 +452,16 @@ def _sample_scale(sa: np.ndarray, sb: np.ndarray, ma: np.ndarray, mb: np.ndarray
     if c is None:
         return None
     tol = 10 * SCALE_RTOL
-    checks = ((mb[_SUM], c * ma[_SUM], abs(c) * ma[_ABS]), (mb[_ABS], abs(c) * ma[_ABS], abs(c) * ma[_ABS]),
-              (mb[_SQ], c * c * ma[_SQ], c * c * ma[_SQ]))
+    checks = ((mb[SUM], c * ma[SUM], abs(c) * ma[ABS_SUM]),
+              (mb[ABS_SUM], abs(c) * ma[ABS_SUM], abs(c) * ma[ABS_SUM]),
+              (mb[SUMSQ], c * c * ma[SUMSQ], c * c * ma[SUMSQ]))
     for got, expected, scale in checks:
         if not math.isfinite(got) or abs(got - expected) > tol * abs(scale) + 1e-300:
             return None
     return c
 
 
-def _moments_close(ma: np.ndarray, mb: np.ndarray, rtol: float) -> bool:
-    if ma[_NAN] != mb[_NAN] or ma[_INF] != mb[_INF]:
-        return False
-    scale = max(abs(ma[_ABS]), abs(mb[_ABS]))
-    extent = float(np.nanmax(np.abs([ma[_MIN], ma[_MAX], mb[_MIN], mb[_MAX], 0.0])))
-    pairs = ((ma[_SUM], mb[_SUM], rtol * scale), (ma[_ABS], mb[_ABS], rtol * scale),
-             (ma[_SQ], mb[_SQ], 2 * rtol * max(abs(ma[_SQ]), abs(mb[_SQ]))),
-             (ma[_MIN], mb[_MIN], rtol * extent), (ma[_MAX], mb[_MAX], rtol * extent))
-    for x, y, atol in pairs:
-        if math.isnan(x) or math.isnan(y):
-            if not (math.isnan(x) and math.isnan(y)):
-                return False
-            continue
-        if math.isinf(x) or math.isinf(y):
-            if x != y:
-                return False
-            continue
-        if abs(x - y) > atol + 1e-300:
-            return False
-    return True
-
-
-def _stack_moments(parts: np.ndarray) -> np.ndarray:
-    out = parts.sum(axis=0)
-    out[_MIN] = np.nanmin(parts[:, _MIN])
-    out[_MAX] = np.nanmax(parts[:, _MAX])
-    return out
-
-
-def _moments_delta(ma: np.ndarray, mb: np.ndarray) -> str:
+def moments_delta(ma: np.ndarray, mb: np.ndarray) -> str:
     """The moments that differ, upstream vs port: ``sum 1.2 vs 0.6, max 2 vs 1``."""
     names = ("sum", "sum|x|", "sum x²", "min", "max", "NaNs", "Infs")
     parts = []
@@ -538,7 +500,7 @@ def compare_padded_tensors(up: Any, port: Any, *, rtol: float | None = None) -> 
     """
     import torch
 
-    from tracediff.hooks.stats import value_view
+    from tracediff.hooks.stats import value_view  # with torch: only live models need them
 
     found = padded_rows(tuple(up.shape), tuple(port.shape))
     assert found is not None
@@ -581,10 +543,10 @@ def compare_padded_fingerprints(up: Fingerprint, port: Fingerprint, *, rtol: flo
         finite = [abs(v) for v in bad_pad if math.isfinite(v)]
         problem = f"{len(bad_pad)} of {len(pad)} sampled values nonzero" + (
             f", max |x| {max(finite):.2g}" if finite else "")
-    moments_ok = _moments_close(_zero_padded_moments(small.moments), big.moments, tol)
+    moments_ok = moments_close(zero_padded_moments(small.moments), big.moments, tol)
     agree = len(a) > 0 and _samples_close(up_values, port_values, tol)
     checked = f"{len(a)} sampled value{'s' if len(a) != 1 else ''} of the first {n} rows checked"
-    max_abs, rel = _sample_errors(up_values, port_values) if len(a) else (None, None)
+    max_abs, rel = sample_errors(up_values, port_values) if len(a) else (None, None)
     if problem is not None:
         lead = Verdict("identical" if agree else "different", None if agree else max_abs, None if agree else rel,
                        detail=checked)
@@ -604,7 +566,7 @@ def compare_padded_fingerprints(up: Fingerprint, port: Fingerprint, *, rtol: flo
             lead = Verdict("scaled", max_abs, rel, scale=scale, detail=checked)
         elif agree:
             lead = Verdict("different", detail=f"the sampled values agree but the moments differ: "
-                           f"{_moments_delta(_zero_padded_moments(small.moments), big.moments)}")
+                           f"{moments_delta(zero_padded_moments(small.moments), big.moments)}")
         else:
             lead = Verdict("different", max_abs, rel, detail=checked)
     return _padded(lead, side, n, m, problem)
@@ -616,7 +578,7 @@ def holds_padded_values(up: Fingerprint, port: Fingerprint, *, rtol: float | Non
     if found is None:
         return False
     small = up if found[0] == "port" else port
-    if not small.moments[_MIN] < small.moments[_MAX]:
+    if not small.moments[MIN] < small.moments[MAX]:
         return False
     return compare_padded_fingerprints(up, port, rtol=rtol).status == "padded"
 
@@ -646,20 +608,11 @@ def _padded_samples(small: Fingerprint, big: Fingerprint) -> tuple[tuple[list, l
 
 def _sampled_elements(fp: Fingerprint) -> dict[int, float]:
     """Row-major element index -> value, from the flat sample and (2-D) the transposed one."""
-    out = {int(q): float(v) for q, v in zip(sample_positions(fp.numel), fp.sample, strict=False)}
+    positions = sample_positions(fp.numel, FINGERPRINT_SAMPLE)
+    out = {int(q): float(v) for q, v in zip(positions, fp.sample, strict=False)}
     if len(fp.shape) == 2:
         rows, cols = fp.shape
-        for q, v in zip(sample_positions(fp.numel), fp.sample_t, strict=False):
+        for q, v in zip(positions, fp.sample_t, strict=False):
             r, c = int(q) % rows, int(q) // rows
             out.setdefault(r * cols + c, float(v))
-    return out
-
-
-def _zero_padded_moments(moments: np.ndarray) -> np.ndarray:
-    """Moments of a tensor with zeros appended: sums unchanged, min and max widened to 0."""
-    out = moments.copy()
-    if not math.isnan(out[_MIN]):
-        out[_MIN] = min(out[_MIN], 0.0)
-    if not math.isnan(out[_MAX]):
-        out[_MAX] = max(out[_MAX], 0.0)
     return out

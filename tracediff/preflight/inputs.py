@@ -13,23 +13,25 @@ the full tensor, else the sample, plus all seven moments.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
-from tracediff.preflight.compare import _moments_close, _moments_delta, _sample_errors, pair_rtol
+from tracediff.modtree import ROOT
+from tracediff.moments import MOMENT_NAMES, moments_close
+from tracediff.preflight.compare import moments_delta, pair_rtol, sample_errors
 from tracediff.preflight.result import InputCheck
 from tracediff.store.trace import Trace
 
 #: Moments of the same values summed in another order (another device) differ by about this much.
 _REDUCTION_RTOL = 1e-9
-_MOMENTS = ("sum", "abs_sum", "sumsq", "min", "max", "nan_count", "inf_count")
 
 
 def input_records(trace: Trace) -> dict[tuple[int, int], list[int]]:
     """``(step, call) -> record indices`` of the root module's input tensors, in call order."""
     names = trace.modules.names
-    if "" in names:
-        root = names.index("")
+    if ROOT in names:
+        root = names.index(ROOT)
     else:
         return {}
     records = trace.records
@@ -93,50 +95,49 @@ def _compare_call(upstream: Trace, port: Trace, key: tuple[int, int], up_rows: l
 def _compare_record(upstream: Trace, port: Trace, step: int, call: int, u: int | None,
                     p: int | None) -> InputCheck | None:
     ur, pr = upstream.records, port.records
-    base = {
-        "step": step,
-        "call": call,
-        "label": pr.label_of(p) if p is not None else None,
-        "upstream_label": ur.label_of(u) if u is not None else None,
-        "shape": pr.shape_of(p) if p is not None else None,
-        "upstream_shape": ur.shape_of(u) if u is not None else None,
-        "dtype": pr.dtype_of(p) if p is not None else None,
-        "upstream_dtype": ur.dtype_of(u) if u is not None else None,
-    }
+    base = InputCheck(
+        status="", step=step, call=call,
+        label=pr.label_of(p) if p is not None else None,
+        upstream_label=ur.label_of(u) if u is not None else None,
+        shape=pr.shape_of(p) if p is not None else None,
+        upstream_shape=ur.shape_of(u) if u is not None else None,
+        dtype=pr.dtype_of(p) if p is not None else None,
+        upstream_dtype=ur.dtype_of(u) if u is not None else None,
+    )
     if u is None:
-        return InputCheck(status="missing_in_upstream", **base)
+        return replace(base, status="missing_in_upstream")
     if p is None:
-        return InputCheck(status="missing_in_port", **base)
-    if base["shape"] != base["upstream_shape"]:
-        return InputCheck(status="shape_mismatch", **base)
-    same_dtype = base["dtype"] == base["upstream_dtype"]
-    rtol = pair_rtol(str(base["upstream_dtype"]), str(base["dtype"]))
+        return replace(base, status="missing_in_port")
+    if base.shape != base.upstream_shape:
+        return replace(base, status="shape_mismatch")
+    same_dtype = base.dtype == base.upstream_dtype
+    rtol = pair_rtol(str(base.upstream_dtype), str(base.dtype))
     numel = int(ur.columns["numel"][u])
-    values_up, values_port, compared = _values(upstream, u), _values(port, p), ""
-    if values_up is not None and values_port is not None and len(values_up) == len(values_port):
-        what = "all" if len(values_up) >= numel else f"{len(values_up)} sampled of"
+    values = _values(upstream, u), _values(port, p)
+    compared = ""
+    if values[0] is not None and values[1] is not None and len(values[0]) == len(values[1]):
+        what = "all" if len(values[0]) >= numel else f"{len(values[0])} sampled of"
         compared = f"{what} {numel} element{'s' if numel != 1 else ''}"
+        pair: tuple[np.ndarray, np.ndarray] | None = (values[0], values[1])
     else:
-        values_up = values_port = None
+        pair = None
     moments_up, moments_port = _moments(upstream, u), _moments(port, p)
-    have_moments = moments_up is not None and moments_port is not None
-    if values_up is None and not have_moments:
+    moments = (moments_up, moments_port) if moments_up is not None and moments_port is not None else None
+    if pair is None and moments is None:
         return None  # nothing recorded to compare (no moments, no values): say nothing rather than guess
-    cast = "" if same_dtype else f"{base['upstream_dtype']} -> {base['dtype']}"
-    values_same = values_up is None or np.array_equal(values_up, values_port, equal_nan=True)
-    moments_same = not have_moments or _moments_close(moments_up, moments_port, _REDUCTION_RTOL)
+    cast = "" if same_dtype else f"{base.upstream_dtype} -> {base.dtype}"
+    values_same = pair is None or np.array_equal(*pair, equal_nan=True)
+    moments_same = moments is None or moments_close(*moments, _REDUCTION_RTOL)
     if same_dtype and values_same and moments_same:
-        return InputCheck(status="identical", compared=compared, **base)
-    max_abs = rel = None
-    if values_up is not None:
-        max_abs, rel = _sample_errors(values_up, values_port)
-    values_close = values_up is None or _close(values_up, values_port, rtol)
-    if not same_dtype and values_close and (not have_moments or _moments_close(moments_up, moments_port, rtol)):
-        return InputCheck(status="close", max_abs=max_abs, rel=rel, compared=compared, detail=cast, **base)
+        return replace(base, status="identical", compared=compared)
+    max_abs, rel = sample_errors(*pair) if pair is not None else (None, None)
+    values_close = pair is None or _close(*pair, rtol)
+    if not same_dtype and values_close and (moments is None or moments_close(*moments, rtol)):
+        return replace(base, status="close", max_abs=max_abs, rel=rel, compared=compared, detail=cast)
     detail = cast
-    if values_up is None or (values_same and not moments_same):
-        detail = "; ".join(part for part in (cast, "moments " + _moments_delta(moments_up, moments_port)) if part)
-    return InputCheck(status="different", max_abs=max_abs, rel=rel, compared=compared, detail=detail, **base)
+    if moments is not None and (pair is None or (values_same and not moments_same)):
+        detail = "; ".join(part for part in (cast, "moments " + moments_delta(*moments)) if part)
+    return replace(base, status="different", max_abs=max_abs, rel=rel, compared=compared, detail=detail)
 
 
 def _values(trace: Trace, index: int) -> np.ndarray | None:
@@ -150,12 +151,17 @@ def _moments(trace: Trace, index: int) -> np.ndarray | None:
     if not trace.meta.get("has_moments", False):
         return None
     cols = trace.records.columns
-    if any(name not in cols for name in _MOMENTS):
+    if any(name not in cols for name in MOMENT_NAMES):
         return None
-    return np.asarray([float(cols[name][index]) for name in _MOMENTS], dtype=np.float64)
+    return np.asarray([float(cols[name][index]) for name in MOMENT_NAMES], dtype=np.float64)
 
 
 def _close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
+    """Whether the port's values ``b`` match upstream's ``a`` to ``rtol`` (NaNs at the same places).
+
+    Not the weight check's sample test (:mod:`tracediff.preflight.compare`): without its 1e-300 of
+    slack, an all-zero upstream input matches only zeros.
+    """
     nan_a, nan_b = np.isnan(a), np.isnan(b)
     if not np.array_equal(nan_a, nan_b):
         return False

@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from tracediff import modtree
 from tracediff.align.alignment import Alignment
+from tracediff.moments import MAX, MIN, SUMSQ
 from tracediff.preflight.compare import (
     Fingerprint,
     Verdict,
@@ -57,13 +59,10 @@ from tracediff.store.trace import ModuleTable
 
 #: Relative window of sum of squares searched for a tensor holding the same values (fp8 casts included).
 _VALUE_WINDOW = 0.6
-_SQ, _MIN, _MAX = 2, 3, 4
 #: Largest number of parts tried for a fused tensor the aligner left unpaired,
 #: among at most this many unpaired siblings.
 MAX_FUSED_PARTS = 4
 MAX_FUSED_CANDIDATES = 8
-#: Tied and padded tensors named one by one in the notes; the rest are counted.
-MAX_LAYOUT_NOTES = 4
 #: Roles of fused pieces by their modules' local names, in the order fused tensors stack them
 #: (``cat(q, k, v)``, ``cat(gate, up)``), whatever order the modules are defined in: HF's CLIP
 #: defines ``k_proj, v_proj, q_proj``, and its fused ports still stack q first.
@@ -98,7 +97,7 @@ class ParamSide:
         self.module_index = {}
         for index, name in enumerate(names):
             self.module_index.setdefault(name, index)
-        self.full = [_full(names[p.module_index], p.name) for p in self.table.params]
+        self.full = [modtree.join_name(names[p.module_index], p.name) for p in self.table.params]
         self.by_name = {}
         self.rows_of = defaultdict(list)
         for row, name in enumerate(self.full):
@@ -114,6 +113,11 @@ class ParamSide:
             sample=self.table.param_samples[row],
             sample_t=self.table.param_samples_t[row],
         )
+
+    def tensor(self, row: int) -> Any:
+        """The live tensor of ``row`` (only asked for when both models are at hand)."""
+        assert self.tensors is not None
+        return self.tensors[row]
 
     def module_of(self, row: int) -> str:
         return self.table.names[self.table.params[row].module_index]
@@ -232,7 +236,7 @@ def pair_params(
     _by_partner(state)
     _one_sided(state)
     checks = [_judge(state, link, rtol) for link in _ordered(state)]
-    return checks, state.notes + _layout_notes(checks)
+    return checks, state.notes
 
 
 # -- stage 1: the parameter map ------------------------------------------------------------
@@ -322,7 +326,7 @@ def _by_value(state: _Pairing, up_rows: list[int], port_rows: list[int]) -> None
     index = {}
     for numel, rows in groups.items():
         table = state.port.table
-        index[numel] = (np.asarray(rows, dtype=np.int64), np.nan_to_num(table.param_moments[rows, _SQ], nan=-1.0),
+        index[numel] = (np.asarray(rows, dtype=np.int64), np.nan_to_num(table.param_moments[rows, SUMSQ], nan=-1.0),
                         np.nan_to_num(table.param_samples[rows, 0], nan=0.0))
     for row in up_rows:
         if row in state.used_up:
@@ -330,13 +334,13 @@ def _by_value(state: _Pairing, up_rows: list[int], port_rows: list[int]) -> None
         found = index.get(math.prod(state.up.shape(row)))
         if found is None:
             continue
-        rows, sumsq, first = found
-        key = float(np.nan_to_num(state.up.table.param_moments[row, _SQ], nan=-1.0))
+        same_numel, sumsq, first = found
+        key = float(np.nan_to_num(state.up.table.param_moments[row, SUMSQ], nan=-1.0))
         head = float(np.nan_to_num(state.up.table.param_samples[row, 0], nan=0.0))
         # Element 0 is element 0 of the transpose and of any reshape too.
         near = (np.abs(sumsq - key) <= _VALUE_WINDOW * abs(key) + 1e-30) & (
             np.abs(first - head) <= _VALUE_WINDOW * abs(head) + 1e-30)
-        for other in rows[near].tolist():
+        for other in same_numel[near].tolist():
             if other not in state.used_port and state.same_values(row, other):
                 state.link(row, other)
                 break
@@ -396,13 +400,13 @@ def natural_order(side: ParamSide, modules: list[int]) -> tuple[list[int], str]:
     ``w`` and ``_proj`` affixes), else their definition order. A port that stacks
     its pieces in another order on purpose says so with its parameter map.
     """
-    locals_ = [side.table.names[m].rsplit(".", 1)[-1].lower() for m in modules]
+    locals_ = [modtree.local_name(side.table.names[m]).lower() for m in modules]
     for regex in _ROLES:
         found = [regex.match(name) for name in locals_]
         ranks = [_ROLE_RANK[m.group(1)] for m in found if m is not None]
         if len(ranks) == len(modules) and len(set(ranks)) == len(ranks):
             order = [m for _, m in sorted(zip(ranks, modules, strict=True))]
-            names = ", ".join(side.table.names[m].rsplit(".", 1)[-1] for m in order)
+            names = ", ".join(modtree.local_name(side.table.names[m]) for m in order)
             return order, f"by the {side.label}'s module names {names}"
     return sorted(modules), f"the {side.label}'s definition order"
 
@@ -454,11 +458,11 @@ def _fused_leftovers(state: _Pairing, *, fused_on: str) -> None:
     children: dict[str, list[int]] = defaultdict(list)
     for index, name in enumerate(parts_side.table.names):
         if name:
-            children[_parent(name)].append(index)
+            children[modtree.parent(name)].append(index)
     for module, rows in list(fused_side.rows_of.items()):
         if not rows or any(r in used_fused for r in rows):
             continue
-        parent = fused_side.module_index.get(_parent(fused_side.table.names[module]))
+        parent = fused_side.module_index.get(modtree.parent(fused_side.table.names[module]))
         if parent is None or parent not in partner:
             continue
         counterpart = parts_side.table.names[partner[parent]]
@@ -474,10 +478,10 @@ def _fused_leftovers(state: _Pairing, *, fused_on: str) -> None:
                     fits.append((list(combo), pieces))
         if len(fits) != 1:
             continue
-        combo, pieces = fits[0]
-        order, expected = natural_order(parts_side, combo)
+        parts, parts_pieces = fits[0]
+        order, expected = natural_order(parts_side, parts)
         for row in rows:
-            by_module = dict(zip(combo, pieces[row], strict=True))
+            by_module = dict(zip(parts, parts_pieces[row], strict=True))
             _link_fused(state, [by_module[m] for m in order], row, fused_on=fused_on, expected=expected)
 
 
@@ -519,7 +523,7 @@ def _padded_leftovers(state: _Pairing) -> None:
         found: list[int] = []
         for row, entry in enumerate(side.table.params):
             name = side.table.names[entry.module_index]
-            if row in used or not name or _parent(name) != parent or entry.name != local:
+            if row in used or not name or modtree.parent(name) != parent or entry.name != local:
                 continue
             if padded_rows(shape, side.shape(row)) is not None and not any(_tie(side, row, kept) for kept in found):
                 found.append(row)
@@ -529,14 +533,14 @@ def _padded_leftovers(state: _Pairing) -> None:
         name = port.table.names[entry.module_index]
         if row in state.used_port or not name:
             continue
-        parent = port.module_index.get(_parent(name))
+        parent = port.module_index.get(modtree.parent(name))
         partner = state.partner_port.get(parent) if parent is not None else None
         if partner is None:
             continue
         ups = candidates(up, state.used_up, up.table.names[partner], entry.name, port.shape(row))
         if len(ups) != 1:
             continue
-        back = candidates(port, state.used_port, _parent(name), entry.name, up.shape(ups[0]))
+        back = candidates(port, state.used_port, modtree.parent(name), entry.name, up.shape(ups[0]))
         if back == [row]:
             state.link(ups[0], row)
 
@@ -572,37 +576,27 @@ def _by_partner(state: _Pairing) -> None:
 
 
 def _one_sided(state: _Pairing) -> None:
-    up, port = state.up, state.port
-    paired_up = sorted({link.up for link in state.links if link.up is not None and link.port is not None})
-    paired_port = sorted({link.port for link in state.links if link.up is not None and link.port is not None})
-    for row in range(len(up.full)):
-        if row in state.used_up:
-            continue
-        twin = _tied_to(up, row, paired_up)
-        if twin is not None:
-            state.link(row, None, tied=twin[0], tie=twin[1])
-            continue
-        module = up.table.params[row].module_index
-        partner = state.partner_up.get(module)
-        if partner is not None:
-            note = f"its counterpart {_display(port.table.names[partner])} has no {up.local(row)!r}"
-        else:
-            note = "no port module holds its values"
-        state.link(row, None, note=note, computed=up.computed(row))
-    for row in range(len(port.full)):
-        if row in state.used_port:
-            continue
-        twin = _tied_to(port, row, paired_port)
-        if twin is not None:
-            state.link(None, row, tied=twin[0], tie=twin[1])
-            continue
-        module = port.table.params[row].module_index
-        partner = state.partner_port.get(module)
-        if partner is not None:
-            note = f"its counterpart {_display(up.table.names[partner])} has no {port.local(row)!r}"
-        else:
-            note = "no upstream module holds its values"
-        state.link(None, row, note=note, computed=port.computed(row))
+    """Link every tensor left unpaired on either side: tied to a paired one of its side, or missing."""
+    paired = [(link.up, link.port) for link in state.links if link.up is not None and link.port is not None]
+    for on_port in (False, True):
+        side, other = (state.port, state.up) if on_port else (state.up, state.port)
+        used = state.used_port if on_port else state.used_up
+        partners = state.partner_port if on_port else state.partner_up
+        paired_rows = sorted({pair[on_port] for pair in paired})
+        for row in range(len(side.full)):
+            if row in used:
+                continue
+            ends: tuple[int | None, int | None] = (None, row) if on_port else (row, None)
+            twin = _tied_to(side, row, paired_rows)
+            if twin is not None:
+                state.link(*ends, tied=twin[0], tie=twin[1])
+                continue
+            partner = partners.get(side.table.params[row].module_index)
+            if partner is not None:
+                note = f"its counterpart {modtree.display_name(other.table.names[partner])} has no {side.local(row)!r}"
+            else:
+                note = f"no {other.label} module holds its values"
+            state.link(*ends, note=note, computed=side.computed(row))
 
 
 def _tied_to(side: ParamSide, row: int, paired: list[int]) -> tuple[int, str] | None:
@@ -637,7 +631,7 @@ def _tie(side: ParamSide, row: int, other: int) -> str | None:
             return None
         return "identical values" if torch.equal(mine, theirs) else None
     mine_fp, theirs_fp = side.fingerprint(row), side.fingerprint(other)
-    if not mine_fp.moments[_MIN] < mine_fp.moments[_MAX]:
+    if not mine_fp.moments[MIN] < mine_fp.moments[MAX]:
         return None
     same = all(np.array_equal(x, y, equal_nan=True) for x, y in (
         (mine_fp.moments, theirs_fp.moments), (mine_fp.sample, theirs_fp.sample),
@@ -651,16 +645,6 @@ def _same_tensor(a: Any, b: Any) -> bool:
         return False
     return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
             and a.shape == b.shape and a.stride() == b.stride())
-
-
-def _layout_notes(checks: list[ParamCheck]) -> list[str]:
-    """One quiet note per tied, zero-padded or computed tensor (not findings: nothing was converted wrong)."""
-    quiet = [check for check in checks if check.status in ("padded", "tied", "computed")]
-    notes = [check.line() for check in quiet[:MAX_LAYOUT_NOTES]]
-    if len(quiet) > MAX_LAYOUT_NOTES:
-        notes.append(f"… and {len(quiet) - MAX_LAYOUT_NOTES} more tied, padded or computed tensors "
-                     "(see the JSON report)")
-    return notes
 
 
 def _ordered(state: _Pairing) -> list[_Link]:
@@ -679,12 +663,14 @@ def _ordered(state: _Pairing) -> list[_Link]:
 def _judge(state: _Pairing, link: _Link, rtol: float | None) -> ParamCheck:
     up, port = state.up, state.port
     u, p = link.up, link.port
+    own, row, other = (up, u, port) if u is not None else (port, p, up)  # a one-sided tensor's side first
+    assert row is not None
     base: dict[str, Any] = {
         "upstream": up.full[u] if u is not None else None,
         "port": port.full[p] if p is not None else None,
         "upstream_module": up.module_of(u) if u is not None else None,
         "port_module": port.module_of(p) if p is not None else None,
-        "kind": up.table.params[u].kind if u is not None else port.table.params[p].kind,  # type: ignore[index]
+        "kind": own.table.params[row].kind,
         "upstream_shape": up.shape(u) if u is not None else None,
         "port_shape": port.shape(p) if p is not None else None,
         "upstream_dtype": up.table.params[u].dtype if u is not None else None,
@@ -693,22 +679,19 @@ def _judge(state: _Pairing, link: _Link, rtol: float | None) -> ParamCheck:
         "upstream_rows": link.up_rows,
     }
     if link.tied is not None:
-        own, other = (up, port) if u is not None else (port, up)
-        twin = next(t for t in state.links if (t.up if own is up else t.port) == link.tied
+        twin = next((t.up, t.port) for t in state.links if (t.up if own is up else t.port) == link.tied
                     and t.up is not None and t.port is not None)
-        partner = other.full[twin.port if own is up else twin.up]  # type: ignore[index]
+        twin_row = twin[1] if own is up else twin[0]
+        assert twin_row is not None
         return ParamCheck(status="tied", detail=f"{own.full[link.tied]} ({link.tie}), which is compared with "
-                          f"{other.label} {partner}", **base)
+                          f"{other.label} {other.full[twin_row]}", **base)
     if u is None or p is None:
-        if u is not None:
-            partner = state.partner_up.get(up.table.params[u].module_index)
-            base["port_module"] = port.table.names[partner] if partner is not None else None
-            status = "computed" if link.computed else "missing_in_port"
-            return ParamCheck(status=status, detail=link.note, **base)
-        partner = state.partner_port.get(port.table.params[p].module_index)  # type: ignore[index]
-        base["upstream_module"] = up.table.names[partner] if partner is not None else None
-        status = "computed" if link.computed else "missing_in_upstream"
-        return ParamCheck(status=status, detail=link.note, **base)
+        partners = state.partner_up if own is up else state.partner_port
+        partner = partners.get(own.table.params[row].module_index)
+        base["port_module" if own is up else "upstream_module"] = (
+            other.table.names[partner] if partner is not None else None)
+        missing = "missing_in_port" if own is up else "missing_in_upstream"
+        return ParamCheck(status="computed" if link.computed else missing, detail=link.note, **base)
     exact = up.tensors is not None and port.tensors is not None
     padded = padded_rows(up.shape(u), port.shape(p)) if link.verdict is None and link.pieces is None else None
     if padded is not None:
@@ -735,7 +718,7 @@ def _verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: bool) -
     u, p = link.up, link.port
     assert u is not None and p is not None
     if exact:
-        a, b = up.tensors[u], port.tensors[p]  # type: ignore[index]
+        a, b = up.tensor(u), port.tensor(p)
         if link.port_rows is not None:
             b = b[link.port_rows[0]:link.port_rows[1]]
         if link.up_rows is not None:
@@ -781,7 +764,7 @@ def _padded_verdict(state: _Pairing, link: _Link, rtol: float | None, *, exact: 
     u, p = link.up, link.port
     assert u is not None and p is not None
     if exact:
-        return compare_padded_tensors(state.up.tensors[u], state.port.tensors[p], rtol=rtol)  # type: ignore[index]
+        return compare_padded_tensors(state.up.tensor(u), state.port.tensor(p), rtol=rtol)
     return compare_padded_fingerprints(state.up.fingerprint(u), state.port.fingerprint(p), rtol=rtol)
 
 
@@ -808,8 +791,8 @@ def _holdings(state: _Pairing, link: _Link, rtol: float | None) -> list[int | No
     if key in state.holdings:
         return state.holdings[key]
     pieces_side, fused_side = (state.up, state.port) if on_port else (state.port, state.up)
-    whole = fused_side.tensors[fused_row]  # type: ignore[index]
-    tensors = [pieces_side.tensors[r] for r in link.pieces]  # type: ignore[index]
+    whole = fused_side.tensor(fused_row)
+    tensors = [pieces_side.tensor(r) for r in link.pieces]
 
     def same(piece: Any, part: Any) -> bool:  # upstream first: tolerances are relative to the reference
         return tensors_close(piece, part, rtol=rtol) if on_port else tensors_close(part, piece, rtol=rtol)
@@ -839,7 +822,7 @@ def _swap_detail(state: _Pairing, link: _Link, holds: list[int | None]) -> str:
     fused_row = link.port if on_port else link.up
     assert fused_row is not None
     slots = _slots(pieces_side, link.pieces)
-    roles = [pieces_side.module_of(r).rsplit(".", 1)[-1] for r in link.pieces]
+    roles = [modtree.local_name(pieces_side.module_of(r)) for r in link.pieces]
     k = link.piece
     stacked = ", ".join(roles[i if j is None else j] for i, j in enumerate(holds))  # a changed slice stays put
     basis = f" ({link.expected})" if link.expected else ""
@@ -863,18 +846,6 @@ def _slice_shape(shape: tuple[int, ...] | None, rows: tuple[int, int] | None) ->
     if shape is None or rows is None or not shape:
         return shape
     return (rows[1] - rows[0], *shape[1:])
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def _full(module: str, local: str) -> str:
-    return f"{module}.{local}" if module else local
-
-
-def _display(name: str) -> str:
-    return name if name else "<model>"
 
 
 def _shape(shape: tuple[int, ...]) -> str:

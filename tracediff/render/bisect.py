@@ -12,13 +12,14 @@ import json
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
 from tracediff.bisect.metrics import Metrics
-from tracediff.bisect.result import BisectResult, Level, ModuleError, OpFinding, OpRef
-from tracediff.bisect.tree import join_name
+from tracediff.bisect.result import BisectResult, Level, ModuleMeasurement, OpFinding, OpRef, Source
+from tracediff.modtree import join_name
+from tracediff.render.preflight import cause_line, preflight_json, render_preflight, summary
 from tracediff.render.report import display_name
 from tracediff.vocabulary import number
 
@@ -43,38 +44,37 @@ def headline(result: BisectResult) -> str:
             f"step {result.step}: {what}")
     op = result.operator
     if op is not None and op.port_op is not None and op.port_op.source is not None:
-        text += f"; first differing operator: {op.port_op.name} at {op.port_op.source.short()}"
+        text += f"; first differing operator: {op.port_op.name} at {short(op.port_op.source)}"
     elif op is not None and op.settings is not None:
         text += f"; settings differ: {op.settings[0]} vs upstream {op.settings[1]}"
     return f"{text}; {passes}"
 
 
-def _error_phrase(error: ModuleError, result: BisectResult) -> str:
+def _error_phrase(error: ModuleMeasurement, result: BisectResult) -> str:
     local = error.local
     assert local is not None
-    text = (f"local rel L2 err {_num(local.rel_l2)}, max abs err {_num(local.max_abs)}, "
-            f"err/tol {_num(local.ratio)}")
+    text = (f"local rel L2 err {number(local.rel_l2)}, max abs err {number(local.max_abs)}, "
+            f"err/tol {number(local.ratio)}")
     if result.noise_floor and error.noise_ratio is not None:
-        text += f", {_num(error.noise_ratio)}× its noise floor"
+        text += f", {number(error.noise_ratio)}× its noise floor"
     return text
 
 
 def _output_phrase(output: Metrics | None) -> str:
     if output is None:
         return "the model outputs differ"
-    return (f"no aligned module adds error but the model outputs differ (rel L2 err {_num(output.rel_l2)}, "
-            f"err/tol {_num(output.ratio)})")
+    return (f"no aligned module adds error but the model outputs differ (rel L2 err {number(output.rel_l2)}, "
+            f"err/tol {number(output.ratio)})")
 
 
 def render_terminal(result: BisectResult, console: Console | None = None) -> None:
     """Print the report: headline, path from the root to the culprit, each level's table, the operator."""
     console = console or Console()
     if result.preflight is not None and not result.preflight:
-        from tracediff.render.preflight import render_preflight
-
         render_preflight(result.preflight, console)  # conversion mistakes first: they explain the culprit
-        if result.likely_cause:
-            console.print(Text(result.likely_cause, style="bold"), soft_wrap=True)
+        cause = likely_cause(result)
+        if cause:
+            console.print(Text(cause, style="bold"), soft_wrap=True)
     style = "bold green" if result else "bold red"
     console.print(Text(headline(result), style=style), soft_wrap=True)  # one line, for grep and logs
     for line in _details(result):
@@ -90,7 +90,7 @@ def render_terminal(result: BisectResult, console: Console | None = None) -> Non
     for note in result.notes:
         console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
     if result.preflight is not None and result.preflight:  # clean: one line last, the headline stays first
-        console.print(Text(result.preflight.summary(), style="dim"), soft_wrap=True)
+        console.print(Text(summary(result.preflight), style="dim"), soft_wrap=True)
 
 
 def text(result: BisectResult, *, width: int = 140) -> str:
@@ -100,9 +100,26 @@ def text(result: BisectResult, *, width: int = 140) -> str:
     return buffer.getvalue()
 
 
+def likely_cause(result: BisectResult) -> str | None:
+    """The pre-flight finding that explains the culprit, if the pre-flight ran and has one."""
+    if result.preflight is None or result.culprit is None:
+        return None
+    return cause_line(result.preflight, result.culprit, result.step)
+
+
 def to_json(result: BisectResult) -> dict[str, Any]:
-    """Everything a machine needs, as plain JSON types (non-finite numbers become ``null``)."""
-    return result.to_dict()
+    """Everything a machine needs, as plain JSON types (non-finite numbers become ``null``).
+
+    The result's figures, with the words added here: the headline, and the pre-flight's lines with the likely
+    cause of the culprit.
+    """
+    data = result.to_json()
+    out = {"ok": data.pop("ok"), "headline": headline(result), **data}
+    if result.preflight is not None:
+        drifted = result.culprit is not None
+        out["preflight"] = preflight_json(result.preflight, first_drift_port=result.culprit,
+                                          first_drift_step=result.step if drifted else None)
+    return out
 
 
 def dumps(result: BisectResult) -> str:
@@ -121,14 +138,14 @@ def _details(result: BisectResult) -> list[str]:
     if result.output is not None:
         if result.noise_floor and result.output_floor is not None:
             verdict = "differ beyond" if result.output_drifts else "stay within"
-            lines.append(f"model outputs {verdict} {_num(result.noise_factor)}× their noise floor: rel L2 err "
-                         f"{_num(result.output.rel_l2)}, floor {_num(result.output_floor.rel_l2)} "
-                         f"(err/tol {_num(result.output.ratio)})")
+            lines.append(f"model outputs {verdict} {number(result.noise_factor)}× their noise floor: rel L2 err "
+                         f"{number(result.output.rel_l2)}, floor {number(result.output_floor.rel_l2)} "
+                         f"(err/tol {number(result.output.ratio)})")
         else:
             verdict = "break" if result.output_drifts else "are within"
-            lines.append(f"model outputs {verdict} tolerance: rel L2 err {_num(result.output.rel_l2)}, "
-                         f"err/tol {_num(result.output.ratio)}")
-    judge = (f"local errors judged against each module's noise floor (drift above {_num(result.noise_factor)}× it)"
+            lines.append(f"model outputs {verdict} tolerance: rel L2 err {number(result.output.rel_l2)}, "
+                         f"err/tol {number(result.output.ratio)}")
+    judge = (f"local errors judged against each module's noise floor (drift above {number(result.noise_factor)}× it)"
              if result.noise_floor else "local errors judged against the tolerance")
     lines.append(f"{judge}; {result.tolerance.describe()}")
     passes = f"{result.forward_passes} forward passes over {len(result.path)} level(s)"
@@ -140,10 +157,11 @@ def _details(result: BisectResult) -> list[str]:
 
 def _path_table(result: BisectResult) -> Table:
     table = Table(title="path from the model root to the culprit", title_justify="left", box=box.SIMPLE_HEAD)
-    for header, justify in (("depth", "right"), ("port module", "left"), ("upstream module", "left"),
-                            ("local rel L2 err", "right"), ("err/tol", "right"), ("accumulated", "right"),
-                            ("amplif.", "right")):
-        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("depth", "right"), ("port module", "left"), ("upstream module", "left"), ("local rel L2 err", "right"),
+        ("err/tol", "right"), ("accumulated", "right"), ("amplif.", "right")]
+    for header, justify in columns:
+        table.add_column(header, justify=justify, no_wrap=True)
     for depth, error in enumerate(result.chain):
         table.add_row(str(depth), Text(display_name(error.port)), Text(display_name(error.upstream)),
                       _rel(error.local), _ratio(error.local), _rel(error.accumulated), _amp(error))
@@ -160,8 +178,10 @@ def _level_table(level: Level, result: BisectResult) -> Table:
              + f" (step {level.step}, {level.forward_passes} forward passes)")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     calls = any(error.call for error in level.modules)  # the column only when a module runs twice
-    columns = [("port module", "left"), ("upstream module", "left"), *([("call", "right")] if calls else []),
-               ("local rel L2 err", "right"), ("err/tol", "right"), ("accumulated", "right"), ("amplif.", "right")]
+    call: list[tuple[str, JustifyMethod]] = [("call", "right")] if calls else []
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("port module", "left"), ("upstream module", "left"), *call,
+        ("local rel L2 err", "right"), ("err/tol", "right"), ("accumulated", "right"), ("amplif.", "right")]
     if result.noise_floor:
         columns += [("noise floor", "right"), ("× floor", "right")]
     columns += [("note", "left")]
@@ -169,20 +189,20 @@ def _level_table(level: Level, result: BisectResult) -> Table:
         if header == "note":
             table.add_column(header, justify="left", min_width=10, overflow="fold")
         else:
-            table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+            table.add_column(header, justify=justify, no_wrap=True)
     for error in level.modules:
         style = "bold red" if error is level.culprit else ("red" if error.drifts else None)
         row: list[Any] = [Text(display_name(error.port), style=style or ""), Text(display_name(error.upstream)),
                           *([str(error.call)] if calls else []), _rel(error.local), _ratio(error.local),
                           _rel(error.accumulated), _amp(error)]
         if result.noise_floor:
-            row += [_rel(error.noise), _num(error.noise_ratio) if error.noise_ratio is not None else "-"]
+            row += [_rel(error.noise), number(error.noise_ratio) if error.noise_ratio is not None else "-"]
         row.append(Text(_note(error, level), style="dim"))
         table.add_row(*row)
     return table
 
 
-def _note(error: ModuleError, level: Level) -> str:
+def _note(error: ModuleMeasurement, level: Level) -> str:
     if not error.isolatable:
         return "not isolatable (see notes)"
     parts = []
@@ -191,7 +211,7 @@ def _note(error: ModuleError, level: Level) -> str:
     elif error.drifts:
         parts.append("adds error")
     if error.inputs_forced and error.input_drift is not None and error.input_drift.failed:
-        parts.append(f"input drift {_num(error.input_drift.rel_l2)}")
+        parts.append(f"input drift {number(error.input_drift.rel_l2)}")
     if error.transformed:
         parts.append("transformed")
     return "; ".join(parts)
@@ -210,7 +230,7 @@ def operator_lines(finding: OpFinding) -> list[str]:
         return lines
     assert finding.upstream_op is not None
     lines.append(f"  first differing operator: {finding.port_op.name} {_shape(finding.port_op)}"
-                 + (f", rel L2 err {_num(finding.metrics.rel_l2)}, max abs err {_num(finding.metrics.max_abs)}"
+                 + (f", rel L2 err {number(finding.metrics.rel_l2)}, max abs err {number(finding.metrics.max_abs)}"
                     if finding.metrics is not None else ""))
     lines.append(f"    port:     {_where(finding.port_op)}{_ran_in(finding.port_op, finding.module)}")
     lines.append(f"    upstream: {_where(finding.upstream_op)}  [{finding.upstream_op.name} "
@@ -240,7 +260,13 @@ def _grouped(refs: list[OpRef]) -> list[tuple[OpRef, int]]:
 def _where(ref: OpRef) -> str:
     if ref.source is None:
         return f"{ref.name} (no source line)"
-    return f"{ref.source.short()}: {ref.source.code}"
+    return f"{short(ref.source)}: {ref.source.code}"
+
+
+def short(source: Source) -> str:
+    """``models/attn.py:42 in forward``: the last two parts of the path, the line and the function."""
+    tail = "/".join(source.file.replace("\\", "/").split("/")[-2:])
+    return f"{tail}:{source.line} in {source.function}"
 
 
 def _ran_in(ref: OpRef, traced: str) -> str:
@@ -255,19 +281,15 @@ def _shape(ref: OpRef) -> str:
 
 
 def _rel(metrics: Metrics | None) -> str:
-    return "-" if metrics is None else _num(metrics.rel_l2)
+    return "-" if metrics is None else number(metrics.rel_l2)
 
 
 def _ratio(metrics: Metrics | None) -> Text:
     if metrics is None:
         return Text("-")
-    return Text(_num(metrics.ratio) + (" ✗" if metrics.failed else ""), style="red" if metrics.failed else "")
+    return Text(number(metrics.ratio) + (" ✗" if metrics.failed else ""), style="red" if metrics.failed else "")
 
 
-def _amp(error: ModuleError) -> str:
+def _amp(error: ModuleMeasurement) -> str:
     amp = error.amplification
-    return "-" if amp is None else _num(amp)
-
-
-def _num(value: float | None) -> str:
-    return number(value)
+    return "-" if amp is None else number(amp)

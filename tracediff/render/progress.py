@@ -338,7 +338,12 @@ def forward_events(fd: int, sink: RunProgress) -> None:
                 counts[side] = int(event["value"])
             elif kind == "watch":
                 counts[side] = 0
-                sink.watch(side, (lambda s=side: counts.get(s, 0)) if event["on"] else None)
+                sink.watch(side, _count_of(counts, side) if event["on"] else None)
+
+
+def _count_of(counts: dict[str, int], side: str) -> ReadCount:
+    """Reads ``side``'s latest record count, as the events update ``counts``."""
+    return lambda: counts.get(side, 0)
 
 
 # -- the end of a run: the report's path and the next command ----------------------------------------
