@@ -23,7 +23,7 @@ import torch
 
 from tracediff import TraceConfig, attach, open_trace
 from tracediff.cli import main
-from tracediff.store.load import load_trace
+from tracediff.merge import load_merged as load_trace
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "pairs" / "tp_mlp.py"

@@ -22,8 +22,8 @@ from tracediff.cli import main
 from tracediff.config import ENV_RANKS, ENV_RANKS_FASTVIDEO
 from tracediff.diff import diff_traces
 from tracediff.errors import MergeError, TraceConfigError, TraceFormatError
+from tracediff.merge import load_merged as load_trace
 from tracediff.merge import merge_files, merge_traces, parse_shard_dims, write_trace
-from tracediff.store.load import load_trace
 
 WORLD = 2
 SEQ_SPLIT = (slice(0, 4), slice(4, 6))  # uneven: shapes differ across ranks

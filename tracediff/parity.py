@@ -16,16 +16,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tracediff.bisect.drill import bisect_models
 from tracediff.call_context import ContextFn, clone_inputs, default_call, pick, with_context
-from tracediff.config import ENV_LAYERS, ENV_STATS, TraceConfig
+from tracediff.config import ENV_LAYERS, ENV_STATS, TraceConfig, parse_stats
 from tracediff.hooks.flatten import iter_tensors
-from tracediff.pipeline.analyse import Analysis, analyse, tolerance_from
+from tracediff.pipeline.analyse import Analysis, analyse
+from tracediff.pipeline.run_folder import BISECT_JSON, TRACE_FILES
 from tracediff.pipeline.runner import trace_model
 from tracediff.pipeline.spec import DEFAULT_STATS
-from tracediff.tolerance import Tolerance
+from tracediff.render.bisect import dumps, text
+from tracediff.tolerance import Tolerance, ToleranceChoiceError, resolve
 
+#: what a failing parity test gets: nothing, the first-drift report, or the report and a bisection
 Mode = Literal["off", "report", "bisect"]
-MODES: tuple[str, ...] = ("off", "report", "bisect")
 CallFn = Callable[[nn.Module, Any], Any]
 
 
@@ -41,10 +44,10 @@ class Settings:
     inputs: bool = True
 
     @classmethod
-    def from_options(cls, *, mode: str, root: str, layers: str | None, stats: str | None,
+    def from_options(cls, *, mode: Mode, root: str, layers: str | None, stats: str | None,
                      inputs: bool = True) -> Settings:
         return cls(
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             root=Path(root),
             layers=layers if layers is not None else (os.environ.get(ENV_LAYERS) or None),
             stats=stats or os.environ.get(ENV_STATS) or DEFAULT_STATS,
@@ -121,21 +124,20 @@ def diagnose(pair: PairSpec, out_dir: Path, settings: Settings) -> Diagnosis:
     """Trace both models on the same inputs, align, diff, write reports; never raises."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = TraceConfig(layers=settings.layers, stats=settings.stats, layers_source="--tracediff-layers",
+        config = TraceConfig(layers=settings.layers, stats=parse_stats(settings.stats, source="stats"),
+                             layers_source="--tracediff-layers",
                              inputs=settings.inputs)
         sides = (("upstream", pair.upstream, with_context(pair.upstream_call or _default, pair.upstream_context)),
                  ("port", pair.port, with_context(pair.port_call or _default, pair.port_context)))
         for side, model, call in sides:
             # The diagnosis folder belongs to this test: a re-run replaces its traces on purpose.
-            trace_model(model, side=side, steps=[clone_inputs(pair.inputs)], output=out_dir / f"{side}.h5",
+            trace_model(model, side=side, steps=[clone_inputs(pair.inputs)], output=out_dir / TRACE_FILES[side],
                         config=config, call=call, overwrite=True)
-        analysis = analyse(out_dir / "upstream.h5", out_dir / "port.h5", mapping=pair.mapping,
+        analysis = analyse(out_dir / TRACE_FILES["upstream"], out_dir / TRACE_FILES["port"], mapping=pair.mapping,
                            param_map=pair.param_map, tolerance=pair.tolerance, out_dir=out_dir,
                            models=(pair.upstream, pair.port))  # weights compared exactly, not by fingerprint
         diagnosis = Diagnosis(out_dir=out_dir, analysis=analysis)
         if settings.mode == "bisect":
-            from tracediff.pipeline.bisect_stage import bisect_pair
-
             diagnosis.bisection = bisect_pair(pair, out_dir, alignment=analysis.alignment)
         return diagnosis
     except Exception as exc:  # the diagnosis must never hide the test's own failure
@@ -152,10 +154,10 @@ def make_pair(upstream: nn.Module, port: nn.Module, inputs: Any, *, atol: float 
     for name, model in (("upstream", upstream), ("port", port)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"parity: {name} must be a torch.nn.Module, got {type(model).__name__}")
-    if (atol is None) != (rtol is None):
-        raise TypeError("parity: give atol and rtol together, or a preset")
-    if preset is not None and atol is not None:
-        raise TypeError("parity: give either preset or atol/rtol, not both")
+    try:
+        tolerance = resolve(preset_name=preset, atol=atol, rtol=rtol)
+    except ToleranceChoiceError as exc:
+        raise TypeError(f"parity: {exc}") from None
     return PairSpec(
         upstream=upstream,
         port=port,
@@ -164,10 +166,30 @@ def make_pair(upstream: nn.Module, port: nn.Module, inputs: Any, *, atol: float 
         port_call=_as_call(port_call or call),
         mapping=map,
         param_map=param_map,
-        tolerance=tolerance_from(preset_name=preset, atol=atol, rtol=rtol),
+        tolerance=tolerance,
         upstream_context=_as_context(pick(context, upstream_context), "upstream_context"),
         port_context=_as_context(pick(context, port_context), "port_context"),
     )
+
+
+def bisect_pair(pair: PairSpec, out_dir: Path | None = None, *, alignment: Any = None) -> str:
+    """Bisect a pair after its first-drift report (``--tracediff=bisect``); the report as text. Never raises.
+
+    With ``out_dir``, the JSON result is written to ``out_dir/bisect.json`` too. ``alignment``: the one
+    first-drift found from both traces (values and execution order pair modules without weights, which
+    the live models' definition order cannot); default: aligned from the live models.
+    """
+    try:
+        result = bisect_models(
+            pair.upstream, pair.port, pair.inputs, mapping=pair.mapping, param_map=pair.param_map,
+            tolerance=pair.tolerance, upstream_call=pair.upstream_call, port_call=pair.port_call,
+            upstream_context=pair.upstream_context, port_context=pair.port_context, alignment=alignment,
+        )
+    except Exception as exc:  # the plugin's diagnosis must survive a bisection that cannot run
+        return f"tracediff bisect: could not bisect this pair: {type(exc).__name__}: {exc}"
+    if out_dir is not None:
+        (out_dir / BISECT_JSON).write_text(dumps(result))
+    return "tracediff bisect (local error, teacher forcing):\n" + text(result)
 
 
 def artifact_dir(root: Path, nodeid: str) -> Path:

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tracediff.config import ENV_INPUTS, parse_bool
+from tracediff.errors import TraceConfigError
+
 if TYPE_CHECKING:
     from tracediff.parity import PairSpec, Settings
 
@@ -24,7 +27,7 @@ DIAGNOSED = pytest.StashKey[bool]()
 
 
 def _settings(config: pytest.Config) -> Settings:
-    from tracediff.parity import Settings
+    from tracediff.parity import Settings  # lazy: torch only once a parity test runs
 
     return Settings.from_options(**config.stash[OPTIONS])
 
@@ -62,9 +65,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _inputs_option(option: str | None) -> bool:
     """``--tracediff-inputs``, else ``$TRACEDIFF_TRACE_INPUTS``, else on; a bad value stops the run at start."""
-    from tracediff.config import ENV_INPUTS, parse_bool
-    from tracediff.errors import TraceConfigError
-
     if option is not None:
         return option == "on"
     try:
@@ -82,7 +82,7 @@ class Parity:
 
     @property
     def out_dir(self) -> Any:
-        from tracediff.parity import artifact_dir
+        from tracediff.parity import artifact_dir  # lazy: torch only once a parity test runs
 
         return artifact_dir(self._settings.root, self._item.nodeid)
 
@@ -93,7 +93,7 @@ class Parity:
         (method name or ``fn(model, inputs)``), ``upstream_call``, ``port_call``.
         """
         __tracebackhide__ = True  # the failure points at the test's own parity.compare line, not at this frame
-        from tracediff.parity import compare_outputs, diagnose, make_pair
+        from tracediff.parity import compare_outputs, diagnose, make_pair  # lazy: torch only in parity tests
 
         pair = make_pair(upstream, port, inputs, **options)
         failure = compare_outputs(pair)
@@ -108,7 +108,7 @@ class Parity:
     def register(self, upstream: Any, port: Any, inputs: Any, **options: Any) -> None:
         """Diagnose this pair if the test fails for any reason (its own ``assert_close`` included)."""
         __tracebackhide__ = True
-        from tracediff.parity import make_pair
+        from tracediff.parity import make_pair  # lazy: torch only once a parity test runs
 
         self._item.stash.setdefault(PAIRS, []).append(make_pair(upstream, port, inputs, **options))
 
@@ -128,10 +128,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     marker = item.get_closest_marker("tracediff_pair")
     if item.config.stash[OPTIONS]["mode"] == "off" or (marker is None and not item.stash.get(PAIRS, [])):
         return
-    from tracediff.parity import artifact_dir, diagnose
+    from tracediff.parity import artifact_dir, diagnose  # lazy: torch only once a parity test fails
 
     settings = _settings(item.config)
-    pairs = list(item.stash.get(PAIRS, []))
+    registered: list[PairSpec] = item.stash.get(PAIRS, [])
+    pairs = list(registered)
     if marker is not None:
         try:
             pairs.append(_pair_from_marker(item, marker))
@@ -144,7 +145,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def _pair_from_marker(item: pytest.Item, marker: pytest.Mark) -> PairSpec:
-    from tracediff.parity import make_pair
+    from tracediff.parity import make_pair  # lazy: torch only once a parity test runs
 
     names = dict(zip(("upstream", "port", "inputs"), marker.args, strict=False))
     names.update({key: marker.kwargs[key] for key in ("upstream", "port", "inputs") if key in marker.kwargs})

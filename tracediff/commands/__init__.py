@@ -48,6 +48,12 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
                         help="show the full traceback of any error (or set TRACEDIFF_DEBUG=1)")
 
 
+def add_trace_pair(parser: argparse.ArgumentParser) -> None:
+    """The two trace files of a command that reads a pair (``align``, ``weights``)."""
+    parser.add_argument("upstream", help="trace (.h5) of the upstream reference")
+    parser.add_argument("port", help="trace (.h5) of the port")
+
+
 def command_parser(
     subparsers: Any, name: str, *, help: str, description: str, examples: Sequence[tuple[str, str]]
 ) -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ from rich.text import Text
 
 from tracediff.align.aligner import align, alignment_to_dict, coverage, write_mapping
 from tracediff.align.alignment import Alignment
-from tracediff.commands import command_parser
-from tracediff.errors import AlignmentError
+from tracediff.commands import add_trace_pair, command_parser
+from tracediff.pipeline.sides import require_aligned
 from tracediff.store.reader import open_trace
 
 _SOURCE_STYLE = {"root": "green", "map": "green", "param_map": "green", "fingerprint": "cyan", "structure": "yellow"}
@@ -37,8 +37,7 @@ def register(subparsers: Any) -> None:
              "use the port's checkpoint mapping; print JSON"),
         ],
     )
-    parser.add_argument("upstream", help="trace (.h5) of the upstream reference")
-    parser.add_argument("port", help="trace (.h5) of the port")
+    add_trace_pair(parser)
     parser.add_argument(
         "--map", metavar="FILE", help="explicit mapping file (.toml or .json): pairs, rules, ignore, groups"
     )
@@ -125,23 +124,6 @@ def render(alignment: Alignment, figures: dict[str, dict[str, int]], *, written:
         ), highlight=False)
     if written:
         console.print(f"wrote {written} (edit it, then pass it back with --map)", highlight=False)
-
-
-def require_aligned(alignment: Alignment, upstream: str, port: str) -> None:
-    """Refuse to go on when nothing but the two models themselves could be paired.
-
-    Comparing two unrelated traces (a wrong file, another model) would only
-    list every module as missing; one line saying so is more useful.
-
-    Raises:
-        AlignmentError: no module pair or group besides the root.
-    """
-    if alignment.groups or any(pair.source != "root" for pair in alignment.pairs):
-        return
-    raise AlignmentError(
-        f"nothing aligned between {upstream} and {port}: no shared weights or structure (traces of different "
-        "models?); pass --map FILE or --param-map FILE|MODULE:ATTR"
-    )
 
 
 def _shown(name: str) -> str:

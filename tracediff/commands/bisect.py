@@ -15,11 +15,11 @@ Exit codes: 0 nothing adds error, 1 a culprit (or differing outputs) found, 2 us
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from tracediff.commands import command_parser
-from tracediff.commands.run import DEMO_CHOICES, add_spec_flags
+from tracediff.commands.run import DEMO_CHOICES, add_spec_flags, spec_from_args
+from tracediff.errors import SpecError
 
 
 def register(subparsers: Any) -> None:
@@ -56,9 +56,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: torch stays off --help and the usage errors of other commands
     from tracediff.bisect.noise import DEFAULT_NOISE_FACTOR
-    from tracediff.errors import SpecError
-    from tracediff.pipeline.bisect import bisect_spec
+    from tracediff.pipeline.bisect import bisect_spec, print_bisection
 
     if len(args.target) > 1:
         raise SpecError(f"expected one run spec, got {len(args.target)}: {' '.join(args.target)}")
@@ -70,25 +70,6 @@ def run(args: argparse.Namespace) -> int:
     result = bisect_spec(spec, step=args.step, noise_floor=args.noise_floor,
                          noise_factor=args.noise_factor or DEFAULT_NOISE_FACTOR, max_depth=args.max_depth,
                          low_memory=args.low_memory)
-    print_result(result, as_json=args.json)
+    print_bisection(result, as_json=args.json)
     return 0 if result else 1
-
-
-def spec_from_args(args: argparse.Namespace) -> Any:
-    """The run spec from SPEC or ``--demo`` plus spec-field flags, exactly as ``tracediff run`` builds it."""
-    from tracediff.commands.run import spec_from_args
-
-    return spec_from_args(args)
-
-
-def print_result(result: Any, *, as_json: bool, stream: Any = None) -> None:
-    """Print a bisection result to ``stream`` (stdout): JSON, or the rich terminal report."""
-    from tracediff.render.bisect import dumps, render_terminal
-    from tracediff.render.report import wide_console
-
-    stream = stream or sys.stdout
-    if as_json:
-        stream.write(dumps(result))
-        return
-    render_terminal(result, wide_console(stream))
 

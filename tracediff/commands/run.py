@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from tracediff.commands import command_parser
-from tracediff.errors import SpecError
-from tracediff.pipeline.spec import FIELDS, RunSpec, apply_overrides, load_spec, spec_from_mapping
+from tracediff.config import names_predicate, parse_sample_size, parse_stats, parse_steps
+from tracediff.errors import SpecError, debug_enabled
+from tracediff.pipeline.spec import FIELDS, RunSpec, apply_overrides, load_spec, spec_from_mapping, tomllib
 
 DEMO_CHOICES = ("clean", "gelu_tanh", "ln_eps", "rope_sign", "residual_scale")
 DEFAULT_OUT_ROOT = Path("tracediff-out")
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     default_out = args.out is None
     out_dir = _out_dir(args)
-    from tracediff.pipeline.session import command_words, run_session
+    from tracediff.pipeline.session import command_words, run_session  # lazy: rich's display stays off script mode
 
     try:
         code = run_session(spec, out_dir, isolate_sides=args.isolate_sides, as_json=args.json,
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir.rmdir()  # the folder reserved for this run stayed empty: leave no trace of a failed start
         raise
     if args.bisect:
-        from tracediff.pipeline.bisect_stage import bisect_after_run
+        from tracediff.pipeline.bisect import bisect_after_run  # lazy: torch only with --bisect
 
         code = max(code, bisect_after_run(spec, out_dir, as_json=args.json, stream=sys.stdout))
     return code
@@ -165,8 +166,6 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 def demo_spec(bug: str) -> RunSpec:
     """The bundled demo spec, with the chosen planted bug (or none for ``clean``)."""
-    from tracediff.pipeline.spec import tomllib
-
     text = resources.files("tracediff.demo").joinpath("demo.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
     data["port"]["kwargs"] = {} if bug == "clean" else {"bug": bug}
@@ -196,8 +195,6 @@ def new_out_dir(root: Path = DEFAULT_OUT_ROOT) -> Path:
 
 
 def _parse_pairs(items: list[str], flag: str) -> dict[str, Any]:
-    from tracediff.pipeline.spec import tomllib
-
     parsed: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -266,7 +263,7 @@ def _run_script(args: argparse.Namespace) -> int:
     if status["outcome"] == "error":
         raise SpecError(status["message"])
     if status["outcome"] == "raised":
-        hint = "" if _debug() else " (--debug shows the full traceback)"
+        hint = "" if debug_enabled() else " (--debug shows the full traceback)"
         raise SpecError(f"the traced script raised {status['message']}{hint}{kept}")
     if status["outcome"] == "exit" and status["code"] != 0:
         raise SpecError(f"the traced command exited with code {status['code']} (tracediff exits 2 for any failure "
@@ -276,12 +273,6 @@ def _run_script(args: argparse.Namespace) -> int:
     for trace in traces:
         print(f"traced {trace}")
     return 0
-
-
-def _debug() -> bool:
-    from tracediff.errors import debug_enabled
-
-    return debug_enabled()
 
 
 def _refuse_outside_script_mode(args: argparse.Namespace) -> None:
@@ -310,8 +301,6 @@ def _refuse_outside_script_mode(args: argparse.Namespace) -> None:
 
 def _script_trace_settings(args: argparse.Namespace) -> list[str]:
     """The trace flags for ``tracediff.pipeline.script``, validated here so a mistake names the flag given."""
-    from tracediff.config import names_predicate, parse_sample_size, parse_stats, parse_steps
-
     out: list[str] = []
     layers = args.spec__trace__layers
     if layers is not None:

@@ -15,10 +15,15 @@ from typing import Any
 
 from rich.text import Text
 
+from tracediff.align.aligner import align
 from tracediff.align.alignment import Alignment
-from tracediff.commands import command_parser
+from tracediff.commands import add_trace_pair, command_parser
 from tracediff.errors import AlignmentError, TraceFormatError
-from tracediff.store.load import load_trace
+from tracediff.merge import load_merged
+from tracediff.pipeline.sides import require_aligned
+from tracediff.preflight import InputCheck, ParamCheck, PreflightResult, check_traces, has_module_table
+from tracediff.render.preflight import counts_line, findings_table, inputs_line, notes, preflight_json
+from tracediff.render.report import wide_console
 
 EXIT_OK, EXIT_FINDINGS = 0, 1
 
@@ -41,8 +46,7 @@ def register(subparsers: Any) -> None:
              "pair parameters by the port's checkpoint mapping and list identical ones too"),
         ],
     )
-    parser.add_argument("upstream", help="trace (.h5) of the upstream reference")
-    parser.add_argument("port", help="trace (.h5) of the port")
+    add_trace_pair(parser)
     parser.add_argument("--map", metavar="FILE", help="explicit module mapping file (.toml/.json) for the aligner")
     parser.add_argument(
         "--param-map",
@@ -58,45 +62,40 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracediff.align.aligner import align
-    from tracediff.commands.align import require_aligned
-    from tracediff.preflight import check_traces, has_module_table
-
-    with load_trace(args.upstream) as upstream, load_trace(args.port) as port:
+    with load_merged(args.upstream) as upstream, load_merged(args.port) as port:
         for path, trace in ((args.upstream, upstream), (args.port, port)):
             if not has_module_table(trace):
                 raise TraceFormatError(f"{path}: holds no module table (a FastVideo JSONL import?), so its "
                                        "weights cannot be checked; trace the model with tracediff")
+        alignment: Alignment | None = None
         try:
-            alignment: Alignment | None = align(upstream, port, mapping=args.map, param_map=args.param_map)
+            aligned = align(upstream, port, mapping=args.map, param_map=args.param_map)
         except AlignmentError:  # a parameter map the aligner refuses: check_traces aligns without it and says why
-            alignment = None
+            pass
         else:
-            require_aligned(alignment, args.upstream, args.port)
+            require_aligned(aligned, args.upstream, args.port)
+            alignment = aligned
         result = check_traces(
             upstream, port, mapping=args.map, param_map=args.param_map, alignment=alignment, rtol=args.rtol
         )
     if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=2)
+        json.dump(preflight_json(result), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         render(result, show_all=args.all)
     return EXIT_OK if result else EXIT_FINDINGS
 
 
-def render(result: Any, *, show_all: bool = False) -> None:
+def render(result: PreflightResult, *, show_all: bool = False) -> None:
     """Findings table (every parameter with ``show_all``), then the counts and inputs lines."""
-    from tracediff.render.preflight import findings_table
-    from tracediff.render.report import wide_console
-
     console = wide_console()
-    rows = [*result.input_findings]
+    rows: list[ParamCheck | InputCheck] = [*result.input_findings]
     rows += result.params if show_all else [p for p in result.params if p.finding]
     if rows:
         console.print(findings_table(rows, width=console.width))
-    for note in result.notes:
+    for note in notes(result):
         console.print(Text(f"note: {note}", style="dim"), soft_wrap=True)
     style = "green" if result else "bold red"
-    console.print(Text(result.counts_line(), style=style), soft_wrap=True)
-    console.print(Text(result.inputs_line(), style="green" if not result.input_findings else "bold red"),
+    console.print(Text(counts_line(result), style=style), soft_wrap=True)
+    console.print(Text(inputs_line(result), style="green" if not result.input_findings else "bold red"),
                   soft_wrap=True)

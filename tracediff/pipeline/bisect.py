@@ -1,18 +1,27 @@
-"""Bisect a run spec: build both sides as ``tracediff run`` does, then drill down in-process.
+"""Bisection of a run spec: build both sides as ``tracediff run`` does, drill down in-process, print the result.
 
-Unlike ``run``, bisection needs both models in memory at once (the port is fed
-the upstream's outputs), so ``--isolate-sides`` has no equivalent here.
+Used by ``tracediff bisect`` and by ``tracediff run --bisect`` after its report. Unlike ``run``, bisection needs
+both models in memory at once (the port is fed the upstream's outputs), so ``--isolate-sides`` has no equivalent
+here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, TextIO
 
 from tracediff.bisect.drill import bisect_models
 from tracediff.bisect.isolate import Transform
 from tracediff.bisect.noise import DEFAULT_NOISE_FACTOR, compute_dtype
 from tracediff.bisect.result import BisectResult
-from tracediff.pipeline.spec import RunSpec
+from tracediff.errors import SpecError, TracediffError
+from tracediff.pipeline.run_folder import BISECT_JSON
+from tracediff.pipeline.runner import build_model, caller_for, clone_inputs, context_for, make_inputs, placement_for
+from tracediff.pipeline.spec import RunSpec, spec_path
+from tracediff.preflight import check_models
+from tracediff.render.bisect import dumps, render_terminal
+from tracediff.render.report import wide_console
 from tracediff.tolerance import Tolerance
 
 
@@ -39,11 +48,6 @@ def bisect_spec(
         SpecError: a side cannot be built or called, a step out of range.
         BisectError: nothing aligned.
     """
-    from tracediff.errors import SpecError
-    from tracediff.pipeline.analyse import spec_path, tolerance_from
-    from tracediff.pipeline.runner import build_model, caller_for, clone_inputs, context_for, make_inputs, placement_for
-    from tracediff.preflight import check_models
-
     if step is not None and not 0 <= step < spec.steps:
         raise SpecError(f"--step {step} is out of range: the spec runs {spec.steps} step(s) (0..{spec.steps - 1})")
     models: dict[str, Any] = {}
@@ -69,8 +73,7 @@ def bisect_spec(
     result = bisect_models(
         models["upstream"], models["port"], step_inputs=step_inputs, step=step,
         mapping=mapping, param_map=param_map,
-        tolerance=tolerance if tolerance is not None else tolerance_from(
-            preset_name=spec.preset, atol=spec.atol, rtol=spec.rtol),
+        tolerance=tolerance if tolerance is not None else spec.tolerance(),
         upstream_call=upstream_call, port_call=calls["port"],
         upstream_context=context_for(spec, spec.upstream), port_context=context_for(spec, spec.port),
         noise_floor=noise_floor, noise_factor=noise_factor, transforms=transforms, max_depth=max_depth,
@@ -78,3 +81,36 @@ def bisect_spec(
     )
     result.preflight = preflight
     return result
+
+
+def print_bisection(result: BisectResult, *, as_json: bool, stream: TextIO | None = None) -> None:
+    """Print a bisection result to ``stream`` (stdout): JSON, or the rich terminal report."""
+    stream = stream or sys.stdout
+    if as_json:
+        stream.write(dumps(result))
+        return
+    render_terminal(result, wide_console(stream))
+
+
+def bisect_after_run(spec: RunSpec, out_dir: Path, *, as_json: bool, stream: TextIO) -> int:
+    """The end of ``tracediff run --bisect``: bisect the same spec, write ``bisect.json``, print.
+
+    A bisection that cannot run never hides the first-drift report printed before it.
+
+    Returns:
+        0 when nothing adds error, 1 when a culprit or differing outputs were found, 2 when
+        the bisection itself could not run (the first-drift report above stands).
+    """
+    try:
+        result = bisect_spec(spec)
+    except TracediffError as exc:
+        print(f"tracediff run --bisect: error: {exc}", file=sys.stderr)
+        return 2
+    path = out_dir / BISECT_JSON
+    path.write_text(dumps(result))
+    if not as_json:
+        stream.write("\n")
+        print_bisection(result, as_json=False, stream=stream)
+        stream.write(f"bisection: {path}\n")
+    return 0 if result else 1
+

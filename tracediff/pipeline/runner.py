@@ -26,25 +26,33 @@ import torch
 from torch import nn
 
 from tracediff.call_context import ContextFn, clone_inputs, default_call, with_context
-from tracediff.config import TraceConfig, check_layers_match
+from tracediff.config import TraceConfig, check_layers_match, parse_sample_size, parse_stats, parse_steps
 from tracediff.errors import SpecError, TracediffError, debug_enabled, model_call_message
 from tracediff.hooks import attach, trace_step
 from tracediff.pipeline.checkpoint import find_safetensors, load_into, load_state_dict, resolve_hf
 from tracediff.pipeline.factory import call_with_supported, check_kwargs, resolve
-from tracediff.pipeline.session import TRACE_FILES  # re-exported: the names of a run's trace files
+from tracediff.pipeline.run_folder import TRACE_FILES
 from tracediff.pipeline.spec import SIDES, RunSpec, SideSpec
 from tracediff.render.progress import RunProgress, StepCounter, forward_events
+from tracediff.results import json_ready
 
 
 @dataclass(frozen=True)
 class SideResult:
-    """What tracing one side produced."""
+    """What tracing one side produced. Truthy when every module was recorded (no recording failures)."""
 
     side: str
     trace: Path
     seconds: float
     records: int
     failures: dict[str, str]
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return json_ready({"side": self.side, "trace": self.trace, "seconds": self.seconds, "records": self.records,
+                           "failures": self.failures})
 
 
 def trace_side(spec: RunSpec, side: str, out_dir: Path, *, progress: RunProgress | None = None) -> SideResult:
@@ -77,9 +85,9 @@ def trace_config_for(spec: RunSpec, side: str, model: nn.Module) -> TraceConfig:
     check_layers_match([name for name, _ in model.named_modules()], layers, side=side, source=source)
     return TraceConfig(
         layers=layers or None,
-        stats=spec.stats,
-        steps=spec.trace_steps,
-        sample_size=spec.sample_size,
+        stats=parse_stats(spec.stats, source="stats"),
+        steps=parse_steps(spec.trace_steps, source="steps"),
+        sample_size=parse_sample_size(spec.sample_size, source="sample_size"),
         layers_source=source,
         inputs=spec.trace_inputs,
     )

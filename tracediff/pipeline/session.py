@@ -1,8 +1,7 @@
-"""One ``tracediff run``: trace both sides with a progress display, then report.
+"""One ``tracediff run`` of a run spec: trace both sides with a progress display, analyse, print the report.
 
-Kept apart from the CLI module so the pytest plugin and bisection can drive a
-whole run without going through argparse. PyTorch is imported only once the
-progress display is up (it alone can take seconds), so a run is never silent.
+Kept apart from the CLI module so that a driver can run a whole spec without going through argparse. PyTorch is
+imported only once the progress display is up (it alone can take seconds), so a run is never silent.
 """
 
 from __future__ import annotations
@@ -10,37 +9,18 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console
 
-from tracediff.errors import SpecError
-from tracediff.pipeline.spec import FIELDS, RunSpec
+from tracediff.pipeline.run_folder import REPORT_HTML, prepare_out_dir, written_files
+from tracediff.pipeline.spec import FIELDS, RunSpec, spec_path
 from tracediff.render.progress import RunProgress, next_command, open_progress, print_closing, spec_arguments
 
 if TYPE_CHECKING:
     from tracediff.pipeline.runner import SideResult
-
-#: the trace files of a run (defined here, not in the runner, so this module does not import PyTorch)
-TRACE_FILES = {"upstream": "upstream.h5", "port": "port.h5"}
-
-
-def prepare_out_dir(out_dir: Path, *, force: bool) -> bool:
-    """Refuse to overwrite earlier traces unless forced; return whether we created the folder."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SpecError(f"--out {str(out_dir)!r} is a file; give a folder for the traces and reports")
-    existing = [out_dir / name for name in (*TRACE_FILES.values(), "report.json", "report.html")]
-    clash = [path for path in existing if path.exists()]
-    if clash and not force:
-        raise SpecError(f"--out {str(out_dir)!r} already holds {clash[0].name}; pass --force to overwrite "
-                        "or choose another folder")
-    for path in clash:
-        path.unlink()
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return created
 
 
 def command_words(args: argparse.Namespace) -> list[str]:
@@ -54,7 +34,7 @@ def trace_with_progress(spec: RunSpec, out_dir: Path, *, isolate_sides: bool,
                         progress: RunProgress) -> dict[str, SideResult]:
     """Trace both sides, telling ``progress`` each phase, step and record count."""
     progress.phase("import")
-    from tracediff.pipeline.runner import trace_both
+    from tracediff.pipeline.runner import trace_both  # lazy: torch is imported with the progress display up
 
     return trace_both(spec, out_dir, isolate_sides=isolate_sides, progress=progress)
 
@@ -78,7 +58,6 @@ def run_session(spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, as
             if created and not any(out_dir.iterdir()):
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
-        from tracediff.pipeline.analyse import REPORT_HTML, analyse_run
 
         def stage(name: str) -> None:
             if name == "done":
@@ -86,7 +65,7 @@ def run_session(spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, as
             else:
                 display.phase(name)
 
-        code = analyse_run(spec, results, out_dir, as_json=as_json, stream=sys.stdout, progress=stage)
+        code = report_run(spec, results, out_dir, as_json=as_json, stream=sys.stdout, progress=stage)
         failed = False
     finally:
         display.finish(failed=failed)
@@ -94,3 +73,38 @@ def run_session(spec: RunSpec, out_dir: Path, *, isolate_sides: bool = False, as
         console = Console(stderr=True) if as_json else Console(file=sys.stdout, soft_wrap=True)
         print_closing(console, out_dir / REPORT_HTML, next_command(code, next_args, spec=spec, out_dir=out_dir))
     return code
+
+
+def report_run(spec: RunSpec, results: Mapping[str, SideResult], out_dir: Path, *, as_json: bool, stream: TextIO,
+               progress: Callable[[str], None] | None = None) -> int:
+    """The end of a run: analyse the two traces, write the reports, print; 0 without drift, else 1.
+
+    ``progress`` hears each stage (see :func:`~tracediff.pipeline.analyse.analyse`), then ``done`` before
+    anything is printed.
+    """
+    # lazy: numpy, h5py and the analysis load once the progress display is up
+    from tracediff.pipeline.analyse import analyse
+    from tracediff.render.report import failure_lines, wide_console
+
+    context = {
+        "spec": spec.source,
+        "steps": spec.steps,
+        "seconds": {side: round(result.seconds, 3) for side, result in results.items()},
+        "records": {side: result.records for side, result in results.items()},
+    }
+    analysis = analyse(results["upstream"].trace, results["port"].trace, mapping=spec_path(spec.map, spec.base_dir),
+                       param_map=spec_path(spec.param_map, spec.base_dir), tolerance=spec.tolerance(),
+                       out_dir=out_dir, context=context, progress=progress)
+    if progress:
+        progress("done")
+    if as_json:
+        stream.write(analysis.report_json.read_text() if analysis.report_json else "{}")
+        return 0 if analysis else 1
+    console = wide_console(stream)
+    failures = {side: r.failures for side, r in results.items() if r.failures}
+    for line in failure_lines(failures):
+        console.print(f"warning: {line}", style="yellow", highlight=False, markup=False)
+    analysis.render(console)
+    console.print(f"traces and reports: {out_dir}/ ({', '.join(sorted(p.name for p in written_files(out_dir)))})",
+                  highlight=False, markup=False)
+    return 0 if analysis else 1

@@ -40,10 +40,7 @@ def main(argv: list[str]) -> int:
     finally:
         if progress is not None:
             progress.finish()
-    Path(result_file).write_text(json.dumps({
-        "trace": str(result.trace), "seconds": result.seconds, "records": result.records,
-        "failures": result.failures,
-    }))
+    Path(result_file).write_text(json.dumps(result.to_json()))
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tracediff.errors import SpecError
+from tracediff.tolerance import Tolerance, ToleranceChoiceError, resolve
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,11 +151,30 @@ class RunSpec:
                             "(a function returning a dict of model inputs, or --inputs-factory)")
         if self.steps < 1:
             raise SpecError(f"{self.source}: [run] steps={self.steps} must be >= 1")
-        if (self.atol is None) != (self.rtol is None):
-            raise SpecError(f"{self.source}: [tolerance] give atol and rtol together (or a preset)")
-        if self.preset is not None and self.atol is not None:
-            raise SpecError(f"{self.source}: [tolerance] give either preset or atol/rtol, not both")
+        self.tolerance()
         return self
+
+    def tolerance(self) -> Tolerance:
+        """The ``[tolerance]`` the run applies, by the one rule set (:func:`tracediff.tolerance.resolve`).
+
+        Raises:
+            SpecError: atol without rtol (or the reverse), or a preset and atol/rtol both.
+            DiffError: an unknown preset, or a value that is not a finite number >= 0.
+        """
+        try:
+            return resolve(preset_name=self.preset, atol=self.atol, rtol=self.rtol)
+        except ToleranceChoiceError as exc:
+            raise SpecError(f"{self.source}: [tolerance] {exc}") from None
+
+
+def spec_path(value: str | None, base: Path) -> str | None:
+    """Resolve a spec-relative file path (``map``, ``param_map``); leave 'module:ATTR' references alone."""
+    if value is None:
+        return None
+    candidate = Path(value)
+    if not candidate.is_absolute() and (base / candidate).exists():
+        return str(base / candidate)
+    return value
 
 
 def load_spec(path: str | Path) -> RunSpec:
