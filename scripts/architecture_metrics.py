@@ -100,8 +100,21 @@ class _ImportVisitor(ast.NodeVisitor):
         self.figures.edges[self.module].add(target)
         if self.depth and not any(entry[:3] == (self.module, target, node.lineno)
                                   for entry in self.figures.function_level[-8:]):
-            said_why = any("#" in self.lines[i] for i in range(max(0, node.lineno - 2), node.lineno))
+            said_why = _commented(self.lines, node.lineno - 1)
             self.figures.function_level.append((self.module, target, node.lineno, said_why))
+
+
+def _commented(lines: list[str], index: int) -> bool:
+    """A comment on the import's line, or above it in the same block of imports (one comment may cover several)."""
+    if "#" in lines[index]:
+        return True
+    for above in range(index - 1, -1, -1):
+        text = lines[above].strip()
+        if text.startswith("#"):
+            return True
+        if not text.startswith(("from ", "import ")):
+            return False
+    return False
 
 
 def strongly_connected(nodes: dict[str, Path], edges: dict[str, set[str]]) -> list[list[str]]:
