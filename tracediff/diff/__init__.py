@@ -28,7 +28,7 @@ objects are built only for the records a report shows.
 The modules, in the order the data flows: :mod:`~tracediff.diff.match` (which record meets which, with
 :mod:`~tracediff.diff.batching` for CFG calls batched on one side), :mod:`~tracediff.diff.checks` and
 :mod:`~tracediff.diff.elements` (the measures and their limits), :mod:`~tracediff.diff.table` (all of them,
-column-wise), :mod:`~tracediff.diff.findings` (kinds in execution order, with :mod:`~tracediff.diff.blame` and
+column-wise), :mod:`~tracediff.diff.collect` (kinds in execution order, with :mod:`~tracediff.diff.blame` and
 :mod:`~tracediff.diff.ranks` saying where), :mod:`~tracediff.diff.result` (the :class:`DiffResult`) and
 :mod:`~tracediff.diff.compare` (:func:`diff_traces`, the entry point). The words a person reads are made from the
 data by :mod:`tracediff.vocabulary` and :mod:`tracediff.render`.
