@@ -26,7 +26,7 @@ Targets (issue 20): forward passes <= 2 x levels drilled; peak memory added <= 2
 Usage (GPU machine, repo root; tracediff need not be installed)::
 
     PYTHONPATH=. python scripts/bench_bisect.py --device cuda --dtype float32
-    python scripts/bench_bisect.py --smoke          # tiny, CPU; tests/test_bench_scale.py runs this
+    python scripts/bench_bisect.py --smoke          # tiny, CPU; tests/scripts/test_bench_scale.py runs this
 """
 
 from __future__ import annotations

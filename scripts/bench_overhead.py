@@ -83,7 +83,7 @@ from tracediff import TraceConfig, attach, current_step, trace_step  # noqa: E40
 from tracediff.demo.upstream_dit import WanLikeModel, rope_params  # noqa: E402
 
 #: What ``tracediff run`` and the pytest plugin record by default (``tracediff.pipeline.spec.DEFAULT_STATS``,
-#: checked by tests/test_benchmarks.py), with module inputs.
+#: checked by tests/scripts/test_benchmarks.py), with module inputs.
 DEFAULT_STATS = "abs_mean,sum,min,max,std,l2,nan_count,inf_count,sample"
 STATS_ONLY = "abs_mean,sum,min,max,std,l2,nan_count,inf_count"
 #: FastVideo's full stat list, what its tracer records when asked for everything.

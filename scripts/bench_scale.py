@@ -23,7 +23,7 @@ PASS or MISS; ``--json OUT`` writes every figure.
 Usage::
 
     python scripts/bench_scale.py                 # full size
-    python scripts/bench_scale.py --smoke         # seconds; tests/test_bench_scale.py runs this
+    python scripts/bench_scale.py --smoke         # seconds; tests/scripts/test_bench_scale.py runs this
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from tracediff.pipeline.run_folder import BISECT_JSON, TRACE_FILES
 from tracediff.pipeline.runner import trace_model
 from tracediff.pipeline.spec import DEFAULT_STATS
 from tracediff.render.bisect import dumps, text
+from tracediff.results import json_ready
 from tracediff.tolerance import Tolerance, ToleranceChoiceError, resolve
 
 #: what a failing parity test gets: nothing, the first-drift report, or the report and a bisection
@@ -81,6 +82,14 @@ class Diagnosis:
     error: str | None = None
     #: the drill-down's report (``--tracediff=bisect`` only)
     bisection: str | None = None
+
+    def __bool__(self) -> bool:
+        """True when the diagnosis ran and found the two models in agreement."""
+        return self.analysis is not None and bool(self.analysis)
+
+    def to_json(self) -> dict[str, Any]:
+        return json_ready({"out_dir": self.out_dir, "analysis": self.analysis, "error": self.error,
+                           "bisection": self.bisection})
 
     def section(self) -> str:
         """The text appended to a failing test's output."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tracediff.align.alignment import Alignment
-from tracediff.diff.finding import DEFAULT_FAIL_ON, KINDS
 from tracediff.diff.collect import collect_findings
+from tracediff.diff.finding import DEFAULT_FAIL_ON, KINDS
 from tracediff.diff.match import RecordMatch
 from tracediff.diff.result import DiffResult
 from tracediff.diff.table import RecordTable

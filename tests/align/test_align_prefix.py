@@ -3,7 +3,7 @@
 A port's ``param_names_mapping`` is written for one module, while the module
 traced may be a wrapper around it (``model.blocks.0...``) or the child inside
 the wrapper the table is written for. The models are the pair of
-``tests/test_align.py`` (separate q/k/v upstream, fused ``qkv`` port), traced
+``tests/align/test_align.py`` (separate q/k/v upstream, fused ``qkv`` port), traced
 for real, with one side or both wrapped.
 """
 
@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_align import FUSED, PARAM_MAP, TRUTH, make_pair, trace_both
-from tests.test_cli_align import run_cli
+from tests.align.test_align import FUSED, PARAM_MAP, TRUTH, make_pair, trace_both
+from tests.commands.test_cli_align import run_cli
 from tracediff.align.aligner import align
 from tracediff.align.alignment import Alignment
 from tracediff.errors import AlignmentError

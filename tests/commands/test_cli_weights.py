@@ -11,9 +11,9 @@ import torch
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.conftest import TinyNet
+from tests.preflight.test_preflight import MISSING, TRANSPOSED, broken_port
 from tests.printed_numbers import mask_floats, number_after
-from tests.test_jsonl import write_fastvideo_trace
-from tests.test_preflight import MISSING, TRANSPOSED, broken_port
+from tests.store.test_jsonl import write_fastvideo_trace
 from tracediff import TraceConfig
 from tracediff.cli import main
 from tracediff.demo import make_inputs, make_port, make_upstream

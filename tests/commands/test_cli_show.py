@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 
-FIXTURE = Path(__file__).parent / "data" / "trace_v1.h5"
+FIXTURE = Path(__file__).parent.parent / "data" / "trace_v1.h5"
 
 
 def test_show_summary_and_module_table() -> None:

@@ -120,7 +120,7 @@ def test_closing_the_trace_closes_the_file(sampled_trace: str) -> None:
 
 @pytest.mark.parametrize("budget", [0, 3, 5, 10_000])
 def test_html_leaves_out_the_same_steps_without_building_their_rows(tmp_path, monkeypatch, budget: int) -> None:
-    from tests.test_diff import identity, record
+    from tests.diff.test_diff import identity, record
     from tracediff import diff as d
     from tracediff.render import html as report_html
 

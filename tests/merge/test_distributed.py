@@ -25,7 +25,7 @@ from tracediff import TraceConfig, attach, open_trace
 from tracediff.cli import main
 from tracediff.merge import load_merged as load_trace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "pairs" / "tp_mlp.py"
 VARIANTS = ("clean", "bug_replicated", "bug_shard")
 #: merged moments against the unsharded model's: float32 matmuls of a split weight may round differently

@@ -27,7 +27,7 @@ from tracediff.pipeline.runner import trace_model
 from tracediff.pipeline.spec import DEFAULT_STATS
 from tracediff.store.reader import CommittedValues, open_trace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PARAM_MAP = "tracediff.demo.convert:PARAM_NAMES_MAPPING"
 
 

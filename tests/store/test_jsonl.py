@@ -20,7 +20,7 @@ from torch import nn
 
 import tracediff
 from tests.conftest import TinyNet
-from tests.test_diff_demo import demo_alignment
+from tests.diff.test_diff_demo import demo_alignment
 from tracediff import TraceConfig
 from tracediff.align.alignment import Alignment, Pair
 from tracediff.demo import BUGS, make_inputs, make_port, make_upstream

@@ -65,7 +65,7 @@ def test_run_shows_each_phase_in_order_and_ends_with_bisect_and_the_report_path(
 def test_a_spec_with_weights_shows_their_loading_and_bisect_names_the_spec_and_flags(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from tests.test_run import GOOD_SPEC, _spec
+    from tests.pipeline.test_run import GOOD_SPEC, _spec
     from tracediff.demo.models import make_upstream
 
     (tmp_path / "ckpt").mkdir()

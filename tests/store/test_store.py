@@ -17,8 +17,8 @@ import torch
 from tests.conftest import TinyNet
 from tracediff import TraceConfig, TraceFormatError, attach, open_trace
 
-DATA = Path(__file__).parent / "data"
-REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).parent.parent / "data"
+REPO = Path(__file__).resolve().parents[2]
 
 KILL_SCRIPT = textwrap.dedent(
     """

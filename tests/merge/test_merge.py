@@ -3,7 +3,7 @@
 The ranks here are simulated in one process (``RANK``/``WORLD_SIZE`` set as
 torchrun sets them, no process group), with modules whose outputs are exact
 slices of the unsharded model's, so merged values must equal the unsharded
-ones to the last bit of a float64 sum. tests/test_distributed.py runs the real
+ones to the last bit of a float64 sum. tests/merge/test_distributed.py runs the real
 thing with two gloo processes.
 """
 

@@ -25,7 +25,7 @@ import torch
 from tests.cli_helpers import run_cli
 from tracediff import open_trace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "parallel_wan.py"
 
 pytestmark = pytest.mark.skipif(

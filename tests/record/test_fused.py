@@ -22,7 +22,7 @@ from tracediff import TraceConfig, attach, open_trace, trace_step
 from tracediff.hooks import fused
 from tracediff.hooks.stats import moments
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -247,7 +247,7 @@ def test_kernel_logic_under_triton_interpreter() -> None:
         sys.path.insert(0, {repo!r})
         import numpy as np, torch
         from tracediff.hooks import fused
-        from tests.test_fused import check, reference, tensors
+        from tests.record.test_fused import check, reference, tensors
         checked = 0
         for x in tensors("cpu"):
             if x.numel() > 100_000:  # the interpreter runs each program in Python: keep it quick

@@ -22,7 +22,7 @@ from torch import nn
 
 import tracediff
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 
 

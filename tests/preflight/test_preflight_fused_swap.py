@@ -295,7 +295,7 @@ SPEC = """
     factory = "tracediff.demo.models:make_upstream"
 
     [port]
-    factory = "tests.test_preflight_fused_swap:kv_swapped_port"
+    factory = "tests.preflight.test_preflight_fused_swap:kv_swapped_port"
 
     [inputs]
     factory = "tracediff.demo.models:make_inputs"

@@ -18,7 +18,7 @@ from torch import nn
 import tracediff
 from tests.cli_helpers import assert_one_line_error, report_lines, run_cli
 from tests.conftest import TinyNet
-from tests.test_jsonl import write_fastvideo_trace
+from tests.store.test_jsonl import write_fastvideo_trace
 from tracediff import TraceConfig
 from tracediff.cli import main
 from tracediff.demo import BUGS, make_inputs, make_port, make_upstream

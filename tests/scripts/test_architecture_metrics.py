@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "architecture_metrics.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "architecture_metrics.py"
 
 
 def _package(root: Path, files: dict[str, str]) -> Path:

@@ -25,7 +25,7 @@ from tracediff.store.format import RECORD_COLUMNS
 from tracediff.store.trace import ModuleTable
 from tracediff.store.writer import StepBatch, TraceWriter
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _writer(path: Path) -> TraceWriter:

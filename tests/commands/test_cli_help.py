@@ -11,7 +11,7 @@ import re
 import pytest
 
 from tests.cli_helpers import assert_one_line_error, run_cli
-from tests.test_pytest_plugin import PARITY_TEST
+from tests.plugin.test_pytest_plugin import PARITY_TEST
 from tracediff.cli import command_names
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
