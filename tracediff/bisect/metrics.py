@@ -11,7 +11,7 @@ means exactly what a drift in the first-drift report means:
 * ``cosine`` similarity; non-finite elements count as infinitely wrong unless
   both sides hold the same non-finite value.
 
-``tests/test_bisect_units.py`` checks it against the differ's own numpy code.
+``tests/bisect/test_bisect_units.py`` checks it against the differ's own numpy code.
 """
 
 from __future__ import annotations
