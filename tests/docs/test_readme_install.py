@@ -44,3 +44,14 @@ def test_cpu_only_install_uses_pytorchs_cpu_index_and_no_blanket_cpu_claim() -> 
     assert _torch_pin(cpu_lines[0]), cpu_lines[0]
     assert "takes the CPU wheel" not in README
     assert "CUDA build" in README  # says plainly what a GPU machine (or plain PyPI) gets
+
+
+def test_ci_runs_the_readme_test_command_with_its_flags_and_the_architecture_checks() -> None:
+    tests = next(block for block in _bash_blocks(README) if "python -m pytest" in block)
+    readme_flags = set(tests.split("python -m pytest", 1)[1].split())
+    ci_line = next(line for line in CI.splitlines() if line.startswith("python -m pytest"))
+    assert "-n" in readme_flags and readme_flags <= set(ci_line.split()), (readme_flags, ci_line)
+    ci_commands = [line.strip() for line in CI.splitlines()]
+    for check in ("ruff check .", "lint-imports", "mypy"):  # docs/architecture.md promises these run in CI
+        assert check in ci_commands, check
+    assert ci_commands.index("lint-imports") < ci_commands.index(ci_line)
